@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tunelab",
+    version="0.1.0",
+    description="Fine-tuning, taught by building every piece by hand in PyTorch.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tunelab", "tunelab.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "numpy",
+        "tqdm",
+        "datasets>=2.14",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.40", "peft>=0.10"],
+    },
+    entry_points={"console_scripts": ["tunelab = tunelab.cli:main"]},
+)

@@ -1,0 +1,44 @@
+"""Shared fixtures: one seed, one tolerance table, the IMDB data directory."""
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# One tolerance table, keyed by dtype (STYLE.md rule 8): no per-test fudge factors.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def assert_close(actual, expected, dtype=torch.float32, **overrides):
+    """`torch.testing.assert_close` with the project's tolerance for `dtype`."""
+    torch.testing.assert_close(actual, expected, **{**TOLERANCES[dtype], **overrides})
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same random state."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def imdb_dir():
+    """The local IMDB parquet directory ($TUNELAB_DATA_DIR, else ../shared/data/imdb)."""
+    path = Path(os.environ.get("TUNELAB_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "imdb"))
+    if not (path / "train.parquet").exists():
+        raise FileNotFoundError(
+            f"IMDB parquet files not found in {path}; set TUNELAB_DATA_DIR to a folder holding "
+            "train.parquet and test.parquet (tests never download)."
+        )
+    return path

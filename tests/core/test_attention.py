@@ -1,0 +1,137 @@
+"""MultiHeadAttention: parity with torch.nn.MultiheadAttention, explicit == fused, masking."""
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import assert_close
+from tunelab.core.attention import MultiHeadAttention, make_attention_bias, scaled_dot_product_attention
+
+B, T, C, H = 3, 7, 16, 4
+
+
+def padding_mask(lengths=(7, 4, 1), T=T):
+    """(B, T) long mask, 1 for the first `length` positions of each row (right padding)."""
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def copy_from_torch(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:
+    """torch packs q, k, v into one in_proj (3C, C); ours keeps three Linear layers."""
+    with torch.no_grad():
+        for proj, w, b in zip(
+            (ours.q_proj, ours.k_proj, ours.v_proj),
+            theirs.in_proj_weight.chunk(3, dim=0),
+            theirs.in_proj_bias.chunk(3, dim=0),
+        ):
+            proj.weight.copy_(w)
+            proj.bias.copy_(b)
+        ours.out_proj.weight.copy_(theirs.out_proj.weight)
+        ours.out_proj.bias.copy_(theirs.out_proj.bias)
+
+
+@pytest.mark.parametrize("impl", ["fused", "explicit"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_torch_multihead_attention(impl, causal):
+    theirs = nn.MultiheadAttention(C, H, batch_first=True)
+    ours = MultiHeadAttention(C, H, impl=impl)
+    copy_from_torch(ours, theirs)
+    x = torch.randn(B, T, C)
+    mask = padding_mask()
+    expected, _ = theirs(
+        x, x, x,
+        key_padding_mask=mask == 0,  # torch: True = ignore this key; ours: 1 = keep
+        attn_mask=torch.ones(T, T, dtype=torch.bool).triu(1) if causal else None,  # True = not allowed
+        need_weights=False,
+    )
+    actual = ours(x, attention_mask=mask, causal=causal)
+    real = mask.bool()
+    assert_close(actual[real], expected[real])
+
+
+@pytest.mark.parametrize("masking", ["none", "padding", "causal", "padding+causal"])
+def test_explicit_and_fused_agree_in_train_mode(masking):
+    fused = MultiHeadAttention(C, H, dropout=0.0, impl="fused").train()
+    explicit = MultiHeadAttention(C, H, dropout=0.0, impl="explicit").train()
+    explicit.load_state_dict(fused.state_dict())
+    mask = padding_mask() if "padding" in masking else None
+    causal = "causal" in masking
+    x = torch.randn(B, T, C, requires_grad=True)
+    y_fused = fused(x, mask, causal)
+    (g_fused,) = torch.autograd.grad(y_fused.square().sum(), x)
+    y_explicit = explicit(x, mask, causal)
+    (g_explicit,) = torch.autograd.grad(y_explicit.square().sum(), x)
+    assert_close(y_explicit, y_fused, atol=1e-6, rtol=1e-6)
+    assert_close(g_explicit, g_fused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fused", "explicit"])
+def test_padding_keys_are_ignored_and_padded_queries_are_finite(impl):
+    attn = MultiHeadAttention(C, H, impl=impl)
+    mask = padding_mask()
+    x = torch.randn(B, T, C)
+    noisy = torch.where(mask.bool()[:, :, None], x, torch.randn(B, T, C) * 100)  # change only padding
+    y, y_noisy = attn(x, mask), attn(noisy, mask)
+    assert torch.isfinite(y).all()  # padded queries still attend to the real keys
+    real = mask.bool()
+    assert_close(y_noisy[real], y[real])
+
+
+@pytest.mark.parametrize("impl", ["fused", "explicit"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_padded_sequence_attends_uniformly(impl, causal):
+    attn = MultiHeadAttention(C, H, impl=impl)
+    x = torch.randn(1, T, C)
+    y = attn(x, torch.zeros(1, T, dtype=torch.long), causal=causal)
+    assert torch.isfinite(y).all()
+    # Every key masked: equal scores everywhere, so each query averages all the values.
+    # (With causal on top, the future keys are masked by the same finite value, so still all of them.)
+    expected = attn.out_proj(attn.v_proj(x).mean(dim=1, keepdim=True)).expand(1, T, C)
+    assert_close(y, expected)
+
+
+def test_make_attention_bias_shapes_and_values():
+    mask = padding_mask()
+    assert make_attention_bias(None, False, T, torch.float32) is None
+    pad = make_attention_bias(mask, False, T, torch.float32)
+    assert pad.shape == (B, 1, 1, T)
+    neg = torch.finfo(torch.float32).min
+    assert torch.equal(pad[:, 0, 0], torch.where(mask.bool(), 0.0, neg))
+    causal = make_attention_bias(None, True, T, torch.float32)
+    assert causal.shape == (1, 1, T, T)
+    assert causal[0, 0, 2, 3] == neg and causal[0, 0, 3, 2] == 0 and causal[0, 0, 3, 3] == 0
+    both = make_attention_bias(mask, True, T, torch.float32)
+    assert both.shape == (B, 1, T, T)
+    assert torch.isfinite(both).all()  # masks combined as booleans: never min + min = -inf
+    assert both[1, 0, 5, 4] == neg and both[1, 0, 5, 3] == 0 and both[1, 0, 2, 3] == neg
+
+
+@pytest.mark.parametrize("impl", ["fused", "explicit"])
+def test_attention_dropout_acts_only_in_training(impl):
+    attn = MultiHeadAttention(C, H, dropout=0.5, impl=impl)
+    x, mask = torch.randn(B, T, C), padding_mask()
+    no_dropout = MultiHeadAttention(C, H, dropout=0.0, impl=impl)
+    no_dropout.load_state_dict(attn.state_dict())
+    assert not torch.allclose(attn.train()(x, mask), no_dropout(x, mask))
+    assert_close(attn.eval()(x, mask), no_dropout(x, mask))
+
+
+def test_scaled_dot_product_attention_handles_different_query_and_key_lengths():
+    # Decoders with a KV cache attend Tq new queries to Tk cached keys.
+    q, k, v = torch.randn(2, H, 3, 4), torch.randn(2, H, 5, 4), torch.randn(2, H, 5, 4)
+    explicit = scaled_dot_product_attention(q, k, v, impl="explicit")
+    assert explicit.shape == (2, H, 3, 4)
+    assert_close(explicit, scaled_dot_product_attention(q, k, v, impl="fused"))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"d_model \(10\).*n_heads \(4\)"):
+        MultiHeadAttention(10, 4)
+    with pytest.raises(ValueError, match="flash"):
+        MultiHeadAttention(C, H, impl="flash")
+    with pytest.raises(ValueError, match="dropout"):
+        MultiHeadAttention(C, H, dropout=1.0)
+    attn = MultiHeadAttention(C, H)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, T=7\)"):
+        attn(torch.randn(B, T, C), torch.ones(B, T + 1))
+    with pytest.raises(ValueError, match="d_model=16"):
+        attn(torch.randn(B, T, C + 1))

@@ -1,0 +1,86 @@
+"""Tests for tunelab/core/evaluation.py: the losses and evaluate()."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conftest import assert_close
+from tunelab.core import train
+from tunelab.core.evaluation import causal_lm_loss, cross_entropy_loss, evaluate, to_device
+
+LOGITS = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]]])  # (1, 3, 2): predicts 0, 1, 0
+LABELS = torch.tensor([[0, 0, -100]])
+
+
+class Fixed(nn.Module):
+    """Returns LOGITS whatever the input (one parameter, so evaluate can find a device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids):
+        return LOGITS + self.bias
+
+
+def fixed_batch(examples):
+    return {"input_ids": None, "labels": LABELS.expand(len(examples), -1)}
+
+
+def test_evaluate_counts_only_labelled_positions():
+    model = Fixed().train()
+    metrics = evaluate(model, [0], collate_fn=fixed_batch)
+    assert metrics["n"] == 2 and metrics["accuracy"] == 0.5
+    assert_close(torch.tensor(metrics["loss"]), F.cross_entropy(LOGITS[0, :2], LABELS[0, :2]))
+    assert model.training  # the mode is restored
+
+
+def test_evaluate_shifts_for_causal_lm():
+    shifted = evaluate(Fixed(), [0], collate_fn=fixed_batch, loss_fn=causal_lm_loss)
+    assert shifted["n"] == 1 and shifted["accuracy"] == 1.0  # position 0 predicts label 0 at position 1
+    assert_close(torch.tensor(shifted["loss"]), F.cross_entropy(LOGITS[0, :1], LABELS[0, 1:2]))
+
+
+def test_evaluate_averages_over_examples_not_batches():
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.proj(x)  # (B, 2)
+
+    def collate(examples):
+        x = torch.tensor([[e["x"]] for e in examples])  # (B, 1)
+        return {"x": x, "labels": torch.tensor([e["y"] for e in examples])}
+
+    examples = [{"x": float(i), "y": i % 2} for i in range(5)]
+    model = Linear()
+    whole = evaluate(model, examples, collate_fn=collate, batch_size=5)
+    split = evaluate(model, examples, collate_fn=collate, batch_size=2)  # batches of 2, 2 and 1
+    batch = collate(examples)
+    assert whole["n"] == split["n"] == 5 and split["accuracy"] == whole["accuracy"]
+    assert_close(torch.tensor(split["loss"]), F.cross_entropy(model(batch["x"]), batch["labels"]))
+
+
+def test_losses_flatten_and_shift():
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    labels[0, 3] = -100
+    keep = labels != -100
+    assert_close(cross_entropy_loss(logits, labels), F.cross_entropy(logits[keep], labels[keep]))
+    keep = labels[:, 1:] != -100
+    assert_close(causal_lm_loss(logits, labels), F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep]))
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="empty data"):
+        evaluate(Fixed(), [], collate_fn=fixed_batch)
+    with pytest.raises(ValueError, match="no labels other than -100"):
+        evaluate(Fixed(), [0], collate_fn=lambda _: {"input_ids": None, "labels": torch.full((1, 3), -100)})
+    with pytest.raises(ValueError, match=r"'labels' entry, got dict with keys \['input_ids'\]"):
+        to_device({"input_ids": torch.zeros(1)}, torch.device("cpu"))
+
+
+def test_train_module_re_exports_evaluation():
+    assert train.evaluate is evaluate and train.causal_lm_loss is causal_lm_loss

@@ -1,0 +1,86 @@
+"""The `tunelab` command: a tiny run through train, evaluate and predict, and one-line errors."""
+
+import json
+
+import pytest
+
+from tunelab.cli import build_parser, main
+
+TINY = ["--limit", "200", "--test-limit", "100", "--epochs", "1", "--max-length", "64", "--vocab-size", "2000",
+        "--d-model", "16", "--heads", "2", "--layers", "1", "--d-ff", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, imdb_dir):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "imdb", "--data-dir", str(imdb_dir), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_prints_test_accuracy_and_saves_the_run(run_dir, capsys):
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test_examples"] == 100
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["model"]["d_model"] == 16 and run["data"]["max_length"] == 64
+
+
+def test_evaluate_prints_the_same_accuracy(run_dir, capsys):
+    results = json.loads((run_dir / "results.json").read_text())
+    assert main(["evaluate", str(run_dir), "--limit", "100"]) == 0
+    assert f"test accuracy: {results['test_accuracy']:.2%}" in capsys.readouterr().out
+
+
+def test_predict_prints_one_line_per_text(run_dir, capsys):
+    assert main(["predict", str(run_dir), "great film", "dull film"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert all(line.split("\t")[0] in ("positive", "negative") for line in lines)
+
+
+def test_config_file_sets_what_options_do_not(tmp_path, imdb_dir, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  d_model: 8\n  n_heads: 2\n  n_layers: 1\n  d_ff: 16\n"
+                      "train:\n  epochs: 1\n  batch_size: 64\n")
+    out = tmp_path / "run"
+    args = ["train", "imdb", "--config", str(config), "--data-dir", str(imdb_dir), "--out", str(out),
+            "--limit", "100", "--test-limit", "50", "--max-length", "32", "--quiet"]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert (run["model"]["d_model"], run["train"]["batch_size"]) == (8, 64)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "imdb", "--epochs", "many"], "invalid int value: 'many'"),
+    (["train", "cifar"], "invalid choice: 'cifar'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_give_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
+
+
+def test_bad_input_gives_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run.json" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"epochz": 2}}))
+    assert main(["train", "imdb", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "epochz" in capsys.readouterr().err
+
+    assert main(["train", "imdb", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 0
+    assert "--max-length" in capsys.readouterr().out

@@ -1,0 +1,140 @@
+"""The `tunelab` command: train, evaluate and use IMDB classifiers.
+
+    tunelab train imdb [--config FILE] [options]   train the from-scratch classifier, print test accuracy
+    tunelab evaluate RUN_DIR                        accuracy of a saved run on the test split
+    tunelab predict RUN_DIR "a review" ...          sentiment of some texts
+
+Bad arguments and bad input end with one line on stderr and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunelab.core.checkpoint import CheckpointError
+
+# option -> (section of the run config, key, type, help)
+TRAIN_OPTIONS = {
+    "--data-dir": ("data", "data_dir", str, "IMDB folder (default: $TUNELAB_DATA_DIR, then the hub)"),
+    "--limit": ("data", "limit", int, "train on a class-balanced subset of this many reviews"),
+    "--test-limit": ("data", "test_limit", int, "evaluate on a class-balanced subset of the test split"),
+    "--max-length": ("data", "max_length", int, "tokens kept per review (default 512)"),
+    "--truncation": ("data", "truncation", str, "head, tail or head+tail (default head+tail)"),
+    "--vocab-size": ("data", "vocab_size", int, "vocabulary size, specials included (default 30000)"),
+    "--min-freq": ("data", "min_freq", int, "least count of a token to enter the vocabulary"),
+    "--d-model": ("model", "d_model", int, "width of the transformer"),
+    "--layers": ("model", "n_layers", int, "number of encoder layers"),
+    "--heads": ("model", "n_heads", int, "attention heads per layer"),
+    "--d-ff": ("model", "d_ff", int, "hidden width of the feed-forward block"),
+    "--dropout": ("model", "dropout", float, "dropout probability"),
+    "--pooling": ("model", "pooling", str, "mean, max or cls"),
+    "--epochs": ("train", "epochs", int, "passes over the training set"),
+    "--batch-size": ("train", "batch_size", int, "examples per optimizer step"),
+    "--lr": ("train", "lr", float, "peak learning rate"),
+    "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay"),
+    "--schedule": ("train", "schedule", str, "linear, cosine or constant (after warm-up)"),
+    "--patience": ("train", "early_stopping_patience", int, "stop after this many evaluations without gain"),
+    "--seed": ("train", "seed", int, "random seed"),
+    "--device": ("train", "device", str, "cpu, cuda or auto (default cpu)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tunelab", description="Fine-tuning, taught by building every piece by hand.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model on a task",
+                                description="Train the from-scratch transformer classifier and print test accuracy.")
+    train.add_argument("task", choices=["imdb"], help="the task (imdb: sentiment of movie reviews)")
+    train.add_argument("--config", type=Path, help="YAML or JSON file with data/model/train sections")
+    train.add_argument("--out", type=Path, default=Path("runs/imdb"), help="run folder (default runs/imdb)")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    for option, (_, _, kind, text) in TRAIN_OPTIONS.items():
+        train.add_argument(option, type=kind, help=text)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved run",
+                                   description="Accuracy of a saved run on an IMDB split.")
+    evaluate.add_argument("run_dir", type=Path, help="folder written by `tunelab train`")
+    evaluate.add_argument("--split", choices=["test", "train"], default="test")
+    evaluate.add_argument("--limit", type=int, help="class-balanced subset of the split")
+    evaluate.add_argument("--data-dir", help="IMDB folder (default: the run's, then $TUNELAB_DATA_DIR)")
+
+    predict = commands.add_parser("predict", help="classify texts with a saved run",
+                                  description="Print the predicted sentiment of each text.")
+    predict.add_argument("run_dir", type=Path, help="folder written by `tunelab train`")
+    predict.add_argument("texts", nargs="+", help="review texts")
+    return parser
+
+
+def load_config_file(path: Path) -> dict:
+    """Read a YAML (.yaml/.yml) or JSON run config; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping with data/model/train sections")
+    return values
+
+
+def _train(args) -> None:
+    from tunelab.tasks.imdb_classification import ImdbRunConfig, run_imdb_classification
+
+    values = load_config_file(args.config) if args.config else {}
+    for option, (section, key, _, _) in TRAIN_OPTIONS.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            values.setdefault(section, {})[key] = value
+    values.setdefault("train", {})
+    values["train"].update(resume=args.resume, progress=not args.quiet)
+    config = ImdbRunConfig.from_dict(values)
+    results = run_imdb_classification(config, args.out)
+    print(f"test accuracy: {results['test_accuracy']:.2%} on {results['test_examples']} reviews "
+          f"({results['parameters']:,} parameters, {results['train_seconds']:.0f} s); run saved in {args.out}")
+
+
+def _evaluate(args) -> None:
+    from tunelab.tasks.imdb_classification import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, split=args.split, limit=args.limit, data_dir=args.data_dir)
+    print(f"{args.split} accuracy: {metrics['accuracy']:.2%}  loss: {metrics['loss']:.4f}  "
+          f"({metrics['n']} reviews)")
+
+
+def _predict(args) -> None:
+    from tunelab.tasks.imdb_classification import predict
+
+    for text, result in zip(args.texts, predict(args.run_dir, args.texts)):
+        print(f"{result['label']}\t{result['probability']:.3f}\t{text}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict}
+    try:
+        handlers[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError, KeyboardInterrupt) as error:
+        message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error).strip().splitlines()[0]
+        print(f"tunelab {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

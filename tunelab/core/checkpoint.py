@@ -1,0 +1,311 @@
+"""Training checkpoints: safetensors + JSON (never pickle), verified by sha256, written atomically.
+
+A checkpoint is a folder:
+    model.safetensors      the model's state_dict (tied tensors stored once; the alias names go into the
+                           safetensors metadata as {alias: kept name}, the convention of safetensors.torch)
+    optimizer.safetensors  optimizer state tensors named "<parameter index>.<name>", e.g. "3.exp_avg"
+    rng.safetensors        the torch CPU generator state ("torch") and CUDA ones ("cuda.<i>")
+    state.json             everything else: optimizer param_groups and scalar state, scheduler state,
+                           Python and NumPy RNG states, the caller's trainer state, and the size and
+                           sha256 of every file above
+It is first written into a hidden sibling folder, then renamed into place, so a crash mid-write leaves
+the previous checkpoint untouched.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+FORMAT = "tunelab-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, altered, or does not fit the model it is loaded into."""
+
+
+def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, trainer_state=None,
+                    *, save_rng: bool = True) -> Path:
+    """Write a checkpoint folder at `path` atomically, replacing any previous one.
+
+    Args:
+        path: the checkpoint folder, e.g. out_dir/checkpoints/last.
+        model: its state_dict goes to model.safetensors.
+        optimizer, scheduler: optional; optimizer tensors go to safetensors, the rest to JSON.
+        trainer_state: optional JSON-serialisable dict (step, epoch, history...), stored as is.
+        save_rng: also store the torch, CUDA, NumPy and Python RNG states (needed for exact resume).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path, clean=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    try:
+        state = {"format": FORMAT, "version": VERSION, "trainer": trainer_state or {}, "files": {}}
+        tensors, aliases = _dedupe_shared(model.state_dict())
+        state["files"][MODEL_FILE] = _write_tensors(tmp / MODEL_FILE, tensors, {"format": "pt", **aliases})
+        if optimizer is not None:
+            tensors, state["optimizer"] = _split_optimizer_state(optimizer.state_dict())
+            state["files"][OPTIMIZER_FILE] = _write_tensors(tmp / OPTIMIZER_FILE, tensors)
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        if save_rng:
+            tensors, state["rng"] = _capture_rng()
+            state["files"][RNG_FILE] = _write_tensors(tmp / RNG_FILE, tensors)
+        # state.json is written last: its checksums vouch for the files already on disk.
+        _write_bytes(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scheduler=None,
+                    *, restore_rng: bool = False) -> dict:
+    """Verify the checkpoint at `path`, load it into whatever is given, and return its state.json.
+
+    Every file is checked against the size and sha256 recorded in state.json before anything is loaded,
+    so a truncated or altered checkpoint raises `CheckpointError` naming the file and the problem.
+    """
+    path = _recover(Path(path), clean=False)
+    state = _read_state(path)
+    if model is not None:
+        _load_weights(model, path / MODEL_FILE)
+    if optimizer is not None:
+        if OPTIMIZER_FILE not in state["files"]:
+            raise CheckpointError(f"{path} holds no optimizer state (it is a weights-only checkpoint)")
+        tensors = _read_tensors(path / OPTIMIZER_FILE)[0]
+        try:
+            optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(f"{path / OPTIMIZER_FILE} does not fit the optimizer: {error}") from error
+    if scheduler is not None:
+        if "scheduler" not in state:
+            raise CheckpointError(f"{path / STATE_FILE} holds no scheduler state")
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        if RNG_FILE not in state["files"]:
+            raise CheckpointError(f"{path} holds no RNG state")
+        _restore_rng(_read_tensors(path / RNG_FILE)[0], state["rng"])
+    return state
+
+
+def load_model_weights(model: nn.Module, path) -> nn.Module:
+    """Load model.safetensors (or a checkpoint folder holding one) into `model`, in place.
+
+    When a state.json sits beside the file, its size and sha256 are checked first. Missing or unexpected
+    keys and shape mismatches raise `CheckpointError` listing them.
+    """
+    path = Path(path)
+    if path.is_dir() or not path.name.endswith(".safetensors"):
+        path = _recover(path, clean=False) / MODEL_FILE
+    state_file = path.parent / STATE_FILE
+    if state_file.is_file():
+        expected = _read_json(state_file).get("files", {}).get(path.name)
+        if expected is not None:
+            _verify_file(path, expected)
+    _load_weights(model, path)
+    return model
+
+
+def _load_weights(model: nn.Module, file: Path) -> None:
+    tensors, metadata = _read_tensors(file)
+    for alias, kept in metadata.items():  # tied weights were stored once
+        if alias not in tensors and kept in tensors:
+            tensors[alias] = tensors[kept]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(expected[key].shape)}"
+                  for key in expected if key in tensors and tensors[key].shape != expected[key].shape]
+    if missing or unexpected or mismatched:
+        problems = [f"{label} ({len(keys)}): {_shorten(keys)}" for label, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected),
+                     ("shape mismatches", mismatched)) if keys]
+        raise CheckpointError(f"{file} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(tensors)
+
+
+def _read_state(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: expected a folder holding {STATE_FILE}")
+    state = _read_json(path / STATE_FILE)
+    if state.get("format") != FORMAT or state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path / STATE_FILE} is not a TuneLab checkpoint of version <= {VERSION} "
+                              f"(format={state.get('format')!r}, version={state.get('version')!r})")
+    for name, expected in state["files"].items():
+        _verify_file(path / name, expected)
+    return state
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"missing file {file}: the checkpoint is incomplete")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error}); it is truncated or altered") from error
+
+
+def _verify_file(file: Path, expected: dict) -> None:
+    if not file.is_file():
+        raise CheckpointError(f"missing file {file}: it is listed in {STATE_FILE} but not on disk")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(f"{file} has {size} bytes but {STATE_FILE} records {expected['bytes']}: "
+                              "the file is truncated or was replaced")
+    digest = _sha256(file)
+    if digest != expected["sha256"]:
+        raise CheckpointError(f"{file} fails its sha256 check (got {digest[:12]}..., expected "
+                              f"{expected['sha256'][:12]}...): the file was altered or corrupted")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_tensors(file: Path) -> tuple[dict, dict]:
+    if not file.is_file():
+        raise CheckpointError(f"missing file {file}")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for bad headers and sizes
+        raise CheckpointError(f"{file} is not a readable safetensors file ({error}); "
+                              "it is truncated or corrupted") from error
+
+
+def _write_tensors(file: Path, tensors: dict, metadata: dict | None = None) -> dict:
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    _write_bytes(file, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_bytes(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Replace `path` by `tmp`. A folder cannot be renamed over a non-empty one, so the old checkpoint
+    is first moved aside to `.<name>.old`; `_recover` restores it if we die between the two renames."""
+    backup = path.with_name(f".{path.name}.old")
+    if path.exists():
+        os.replace(path, backup)
+    os.replace(tmp, path)
+    shutil.rmtree(backup, ignore_errors=True)
+    if hasattr(os, "O_DIRECTORY"):  # make the renames durable (POSIX only)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _recover(path: Path, clean: bool) -> Path:
+    """Where the good checkpoint for `path` is after a crash; with `clean`, also tidy up (writer only)."""
+    backup = path.with_name(f".{path.name}.old")
+    if backup.is_dir() and not path.exists():  # died between the two renames of _swap_into_place
+        if not clean:
+            return backup
+        os.replace(backup, path)
+    if clean:
+        shutil.rmtree(backup, ignore_errors=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # folders of writes that never finished
+            shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def _dedupe_shared(state_dict: dict) -> tuple[dict, dict]:
+    """safetensors refuses tensors that share memory: keep one name per storage, record the others."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach()
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
+                tensor.stride(), tensor.dtype) if tensor.numel() else None
+        if view in seen:
+            aliases[name] = seen[view]
+            continue
+        if view is not None:
+            seen[view] = name
+        tensors[name] = tensor.cpu().contiguous()
+    # Distinct views of one storage (rare) would still be refused: give those their own memory.
+    storages = {}
+    for name, tensor in tensors.items():
+        if tensor.numel():
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in storages:
+                tensors[name] = tensor.clone()
+            storages.setdefault(pointer, name)
+    return tensors, aliases
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
+    tensors, scalars = {}, {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict, saved: dict) -> dict:
+    state = {}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    for index, values in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    # JSON turned tuples such as betas=(0.9, 0.999) into lists; give them back their type.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _capture_rng() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(internal), gauss],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _restore_rng(tensors: dict, saved: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _shorten(items: list, limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")

@@ -1,0 +1,73 @@
+"""What a model is scored on: the loss functions, and `evaluate` (loss and accuracy without gradients).
+
+Classification and language modelling differ only here: cross-entropy over (B, C) logits, or over
+(B, T, V) logits whose position t predicts the token at t + 1 (the shift of GPT training, Radford et
+al. 2018). Labels equal to -100 (padding, prompt tokens) are ignored, as in PyTorch and Hugging Face.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100: logits (B, C) and labels (B,), or (B, T, V) and (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss: logits (B, T, V) at position t are scored against labels (B, T) at t + 1."""
+    return cross_entropy_loss(logits[:, :-1], labels[:, 1:])
+
+
+causal_lm_loss.label_shift = 1  # tells `evaluate` to align predictions the same way for accuracy
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_fn=None, device=None,
+             progress: bool = False) -> dict:
+    """Loss and accuracy of `model` on `data` (in order), in eval mode, without gradients.
+
+    Both are averaged over the labels != -100 (examples for classification, tokens for language
+    modelling), whose count is returned as "n". The model's train/eval mode is restored afterwards.
+    """
+    if len(data) == 0:
+        raise ValueError("evaluate() got empty data")
+    loss_fn = loss_fn or cross_entropy_loss
+    shift = getattr(loss_fn, "label_shift", 0)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for start in tqdm(range(0, len(data), batch_size), desc="eval", leave=False, disable=not progress):
+        examples = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        batch = to_device(collate_fn(examples), device)
+        labels = batch.pop("labels")
+        logits = model(**batch)
+        predictions = logits.argmax(dim=-1)  # (B,) or (B, T)
+        if shift:  # language modelling: position t predicts the label at t + shift
+            predictions, labels_kept = predictions[:, :-shift], labels[:, shift:]
+        else:
+            labels_kept = labels
+        counted = labels_kept != IGNORE_INDEX
+        if counted.any():  # a mean loss over zero labels is nan; such a batch adds nothing
+            loss_sum += loss_fn(logits, labels).item() * counted.sum().item()
+        correct += (predictions == labels_kept)[counted].sum().item()
+        n += counted.sum().item()
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate() found no labels other than -100 in the data")
+    return {"loss": loss_sum / n, "accuracy": correct / n, "n": n}
+
+
+def to_device(batch, device: torch.device) -> dict:
+    """Move the tensors of a collated batch (a dict that must hold "labels") to `device`."""
+    if not isinstance(batch, dict) or "labels" not in batch:
+        keys = f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""
+        raise ValueError(f"collate_fn must return a dict with a 'labels' entry, got {type(batch).__name__}"
+                         f"{keys}")
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}

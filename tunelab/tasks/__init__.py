@@ -1,0 +1,1 @@
+"""End-to-end jobs that combine core, peft and quant."""
