@@ -7,11 +7,16 @@ example, 87.45%; d2l.ai TextCNN, 86.8%.
 
     python benchmarks/imdb_scratch.py                 # the benchmark setting, appends to RESULTS.md
     python benchmarks/imdb_scratch.py --limit 2000    # a quick look (not appended)
+    python benchmarks/imdb_scratch.py --bigram-buckets 0   # ablation: no bigram embeddings
+
+The setting is the default of `tunelab train imdb` (DEFAULT_MODEL / DEFAULT_TRAIN in
+tunelab/tasks/imdb_classification.py), so `tunelab train imdb` reproduces the row.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -21,21 +26,21 @@ from pathlib import Path
 
 import torch
 
-from tunelab.core.train import TrainConfig
-from tunelab.tasks.imdb_classification import DataConfig, ImdbRunConfig, run_imdb_classification
+from tunelab.tasks.imdb_classification import ImdbRunConfig, run_imdb_classification
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = "| benchmark | setting | headline | further figures | machine | date | command |\n|---|---|---|---|---|---|---|\n"
 
-# The benchmark setting: a small, wide-vocabulary transformer that sees whole reviews.
-MODEL = dict(d_model=64, n_heads=4, n_layers=1, d_ff=256, dropout=0.1, pooling="mean")
-DATA = dict(max_length=512, truncation="head+tail", vocab_size=30000, min_freq=2)
-TRAIN = dict(epochs=4, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=0.06, schedule="linear")
-
 
 def machine() -> str:
-    threads = torch.get_num_threads()
-    return f"{platform.machine()} CPU, {threads} threads, torch {torch.__version__}"
+    """CPU model, cores, torch threads and version: what the timing depends on."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def append_row(setting: str, headline: str, figures: str, command: str) -> None:
@@ -52,15 +57,16 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/imdb_scratch"))
     parser.add_argument("--limit", type=int, help="train subset (quick look; not appended to RESULTS.md)")
     parser.add_argument("--test-limit", type=int)
-    parser.add_argument("--epochs", type=int, default=TRAIN["epochs"])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--bigram-buckets", type=int, help="override the default bigram table (0: none, an ablation)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
 
-    config = ImdbRunConfig(
-        data=DataConfig(**DATA, limit=args.limit, test_limit=args.test_limit),
-        model=dict(MODEL),
-        train=TrainConfig(**{**TRAIN, "epochs": args.epochs}),
-    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # The benchmark setting is the default of `tunelab train imdb` (tunelab/tasks/imdb_classification.py).
+    model = {} if args.bigram_buckets is None else {"bigram_buckets": args.bigram_buckets}
+    config = ImdbRunConfig.from_dict({"data": {"limit": args.limit, "test_limit": args.test_limit}, "model": model})
     start = time.time()
     results = run_imdb_classification(config, args.out)
     total = time.time() - start
@@ -68,10 +74,10 @@ def main(argv=None) -> None:
           f"best validation {results['best_validation']:.2%}, {results['parameters']:,} parameters, "
           f"training {results['train_seconds'] / 60:.1f} min, total {total / 60:.1f} min")
     if args.limit is None and args.test_limit is None and not args.no_append:
-        m = config.model
+        m, d = config.model, config.data
         setting = (f"d{m['d_model']} L{m['n_layers']} H{m['n_heads']} ff{m['d_ff']} {m['pooling']}-pool, "
-                   f"{DATA['max_length']} tok {DATA['truncation']}, vocab {results['vocab_size']}, "
-                   f"{args.epochs} ep")
+                   f"{m.get('bigram_buckets', 0):,} bigram buckets, "
+                   f"{d.max_length} tok {d.truncation}, vocab {results['vocab_size']}, {config.train.epochs} ep")
         figures = (f"{results['parameters']:,} params, training {results['train_seconds'] / 60:.1f} min, "
                    f"best val {results['best_validation']:.2%}")
         command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])

@@ -31,6 +31,7 @@ TRAIN_OPTIONS = {
     "--d-ff": ("model", "d_ff", int, "hidden width of the feed-forward block"),
     "--dropout": ("model", "dropout", float, "dropout probability"),
     "--pooling": ("model", "pooling", str, "mean, max or cls"),
+    "--bigram-buckets": ("model", "bigram_buckets", int, "rows of the hashed bigram table (0: none)"),
     "--epochs": ("train", "epochs", int, "passes over the training set"),
     "--batch-size": ("train", "batch_size", int, "examples per optimizer step"),
     "--lr": ("train", "lr", float, "peak learning rate"),

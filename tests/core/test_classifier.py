@@ -30,11 +30,13 @@ def test_output_shape(pooling, norm_first):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("bigram_buckets", [0, 53])
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
 @pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
 @pytest.mark.parametrize("pooling", POOLINGS)
-def test_extra_padding_does_not_change_logits(pooling, positional, attn_impl):
-    config = ClassifierConfig.tiny(pooling=pooling, positional=positional, attn_impl=attn_impl, dropout=0.1)
+def test_extra_padding_does_not_change_logits(pooling, positional, attn_impl, bigram_buckets):
+    config = ClassifierConfig.tiny(pooling=pooling, positional=positional, attn_impl=attn_impl, dropout=0.1,
+                                   bigram_buckets=bigram_buckets)
     model = TransformerClassifier(config).eval()
     ids, mask = batch()
     logits = model(ids, mask)
@@ -71,13 +73,46 @@ def test_fully_padded_row_gives_finite_logits(pooling):
 @pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
 def test_gradient_reaches_every_parameter(pooling, positional):
-    model = TransformerClassifier(ClassifierConfig.tiny(pooling=pooling, positional=positional, dropout=0.1))
+    config = ClassifierConfig.tiny(pooling=pooling, positional=positional, dropout=0.1, bigram_buckets=1000)
+    model = TransformerClassifier(config)
     ids, mask = batch()
     F.cross_entropy(model(ids, mask), torch.tensor([0, 1, 1, 0])).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # The pad row is frozen (padding_idx) and never used under the mask.
+    # The pad row is frozen (padding_idx) and never used under the mask; so is "no next token".
     assert (model.token_embedding.weight.grad[0] == 0).all()
+    assert (model.bigram_embedding.weight.grad[0] == 0).all()
+
+
+def test_bigram_rows_depend_on_the_pair_only():
+    model = TransformerClassifier(ClassifierConfig.tiny(vocab_size=50, bigram_buckets=1009))
+    ids = torch.tensor([[3, 7, 3, 7, 9, 0, 0], [7, 3, 3, 7, 0, 0, 0]])  # (B, T)
+    mask = (ids != 0).long()
+    rows = model.bigram_ids(ids, mask)
+    assert rows[0, 0] == rows[0, 2] == rows[1, 2]  # (3, 7) wherever it occurs
+    assert rows[0, 1] == rows[1, 0]  # (7, 3)
+    assert rows[0, 0] != rows[0, 1]  # order matters: (3, 7) is not (7, 3)
+    assert rows[0, 3] != rows[0, 0]  # (7, 9)
+    assert (rows[0, 4:] == 0).all() and (rows[1, 3:] == 0).all()  # last real token and padding: no pair
+    assert rows.min() >= 0 and rows.max() <= 1009  # row 0 is reserved for "no pair"
+    # Without a mask only the last position lacks a next token.
+    assert (model.bigram_ids(ids, None)[:, :-1] > 0).all() and (model.bigram_ids(ids, None)[:, -1] == 0).all()
+    # All 49 x 49 pairs of real tokens spread over the table: few collisions.
+    a, b = torch.meshgrid(torch.arange(1, 50), torch.arange(1, 50), indexing="ij")
+    every = model.bigram_ids(torch.stack([a.flatten(), b.flatten()], dim=1), None)[:, 0]  # (2401,)
+    assert every.unique().numel() > 0.85 * 1009  # a uniform hash fills ~91% of 1009 rows with 2401 pairs
+
+
+def test_bigrams_make_the_model_see_word_order():
+    """Mean pooling with no positions and no layers is a bag of words, unless bigrams are on."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    swapped = torch.tensor([[6, 5, 8, 7]])
+    for buckets, order_matters in ((0, False), (97, True)):
+        config = ClassifierConfig.tiny(n_layers=0, positional="learned", bigram_buckets=buckets)
+        model = TransformerClassifier(config).eval()
+        torch.nn.init.zeros_(model.position.embedding.weight)
+        changed = not torch.allclose(model(ids), model(swapped), atol=1e-6)
+        assert changed == order_matters
 
 
 @pytest.mark.parametrize("pooling", POOLINGS)
@@ -141,6 +176,7 @@ def test_dropout_settings_reach_their_modules():
         (dict(num_classes=1), r"num_classes must be >= 2"),
         (dict(pad_id=100), r"pad_id 100 .* vocab_size 100"),
         (dict(d_model=16.0), r"d_model must be an int"),
+        (dict(bigram_buckets=-1), r"bigram_buckets must be >= 0"),
     ],
 )
 def test_config_validation(overrides, message):

@@ -35,6 +35,11 @@ class ClassifierConfig:
     on CPU, dropout on the attention weights makes F.scaled_dot_product_attention fall back from its
     flash kernel to the (B, H, T, T) math path: 1.4-1.7x slower per training step at (32, 512) on
     our 2-core CPU. Set it to 0.1 for BERT-like regularisation.
+
+    `bigram_buckets > 0` adds to each token's embedding a learned vector for the pair (token, next
+    token), looked up in a table of that many rows by hashing the pair (the "hashing trick" of
+    fastText, Joulin et al. 2017, https://arxiv.org/abs/1607.01759). Word order then enters before
+    the first attention layer: "not good" gets its own vector. 0 turns it off.
     """
 
     vocab_size: int
@@ -54,9 +59,12 @@ class ClassifierConfig:
     activation: str = "gelu"
     pad_id: int = 0
     layer_norm_eps: float = 1e-5
+    bigram_buckets: int = 0
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_classes", "d_model", "n_heads", "n_layers", "d_ff", "max_len", "pad_id"):
+        ints = ("vocab_size", "num_classes", "d_model", "n_heads", "n_layers", "d_ff", "max_len", "pad_id",
+                "bigram_buckets")
+        for name in ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -65,8 +73,9 @@ class ClassifierConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        if self.n_layers < 0:
-            raise ValueError(f"n_layers must be >= 0, got {self.n_layers}")
+        for name in ("n_layers", "bigram_buckets"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("dropout", "embedding_dropout", "attention_dropout"):
@@ -129,6 +138,12 @@ class TransformerClassifier(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=c.d_model**-0.5)
         with torch.no_grad():
             self.token_embedding.weight[c.pad_id].zero_()  # padding is masked anyway; keep it inert
+        if c.bigram_buckets:
+            # Row 0 stands for "no next token" (last token, or next is padding) and stays zero.
+            self.bigram_embedding = nn.Embedding(c.bigram_buckets + 1, c.d_model, padding_idx=0)
+            nn.init.normal_(self.bigram_embedding.weight, std=c.d_model**-0.5)
+            with torch.no_grad():
+                self.bigram_embedding.weight[0].zero_()
         self.position = POSITIONALS[c.positional](c.max_len, c.d_model)
         if c.pooling == "cls":
             # Stored and scaled like a token embedding row, so it starts at the same magnitude.
@@ -166,7 +181,10 @@ class TransformerClassifier(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing to mask: skip building biases, attention runs unmasked
         B = input_ids.shape[0]
-        x = self.token_embedding(input_ids) * self.embed_scale  # (B, T, C)
+        x = self.token_embedding(input_ids)  # (B, T, C)
+        if self.config.bigram_buckets:
+            x = x + self.bigram_embedding(self.bigram_ids(input_ids, attention_mask))  # (B, T, C)
+        x = x * self.embed_scale
         x = self.position(x)  # (B, T, C)
         if self.config.pooling == "cls":
             cls = (self.cls_token * self.embed_scale).expand(B, -1, -1)  # (B, 1, C)
@@ -177,6 +195,23 @@ class TransformerClassifier(nn.Module):
         for layer in self.layers:
             x = layer(x, attention_mask)  # (B, T', C)
         return self.final_norm(x), attention_mask  # (B, T', C)
+
+    def bigram_ids(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """(B, T) bigram-table rows: hash(token t, token t+1) in [1, buckets], or 0 where t+1 is not a real token.
+
+        The pair (a, b) is first made unique as a * vocab_size + b, then folded into the table by a
+        multiplicative hash (Knuth's 2654435761) modulo the bucket count. Padding never contributes,
+        so extra padding leaves the ids of real tokens unchanged.
+        """
+        nxt = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))  # (B, T): the next token, 0 past the end
+        has_next = torch.ones_like(input_ids, dtype=torch.bool)
+        has_next[:, -1] = False
+        if attention_mask is not None:
+            real = attention_mask.to(torch.bool)
+            has_next &= real & torch.nn.functional.pad(real[:, 1:], (0, 1))  # (B, T)
+        pair = input_ids * self.config.vocab_size + nxt  # (B, T), unique per (a, b)
+        rows = (pair * 2654435761) % self.config.bigram_buckets + 1  # (B, T) in [1, buckets]
+        return torch.where(has_next, rows, torch.zeros_like(rows))  # (B, T)
 
     def pool(self, h: Tensor, attention_mask: Tensor | None) -> Tensor:
         """(B, T, C) hidden states -> (B, C), ignoring padding; rows with no real token pool to 0."""

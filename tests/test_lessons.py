@@ -1,0 +1,113 @@
+"""The lessons run end to end (QUICK=1, as a learner would run them) and print the numbers they teach.
+
+Each lesson is a subprocess started from a temporary working directory, so nothing depends on the
+cwd; its figures go to a temporary folder ($TUNELAB_LESSONS_OUT) so that concurrent test runs never
+share files. The last line of a lesson is `RESULT: key=value ...`; the bounds below were measured
+on QUICK runs (values in the comments) and leave a wide margin, yet a broken tokenizer, sampler,
+mask, model or training loop would fall outside them.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+LESSONS = REPO_ROOT / "lessons"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def parse_result(line: str) -> dict:
+    """'RESULT: a=1 b=0.5 c=True' -> {'a': 1, 'b': 0.5, 'c': True}."""
+    values = {}
+    for key, raw in re.findall(r"(\w+)=(\S+)", line.removeprefix("RESULT:")):
+        if raw in ("True", "False"):
+            values[key] = raw == "True"
+        elif re.fullmatch(r"-?\d+", raw):
+            values[key] = int(raw)
+        else:
+            values[key] = float(raw)
+    return values
+
+
+def run_lesson(name: str, tmp_path: Path, imdb_dir: Path) -> tuple[dict, Path]:
+    """Run lessons/<name> with QUICK=1; return its RESULT values and its figure folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "MPLBACKEND": "Agg", "TUNELAB_DATA_DIR": str(imdb_dir),
+           "TUNELAB_LESSONS_OUT": str(out),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    # Two compute threads on a machine whose other core is busy run several times slower than one.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    process = subprocess.run([sys.executable, str(LESSONS / name)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, f"{name} failed:\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
+    lines = process.stdout.strip().splitlines()
+    results = [line for line in lines if line.startswith("RESULT:")]
+    assert len(results) == 1 and lines[-1] == results[0], f"{name} must end with one RESULT line: {lines[-5:]}"
+    return parse_result(results[0]), out
+
+
+def assert_figures(out: Path, names: list[str]) -> None:
+    for name in names:
+        path = out / name
+        assert path.is_file(), f"figure {path} was not written"
+        assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
+        assert path.stat().st_size > 10_000, f"{path} is too small to hold a plot"
+
+
+def test_lesson_01_tokens_vocab_collate(tmp_path, imdb_dir):
+    r, out = run_lesson("01_tokens_vocab_collate.py", tmp_path, imdb_dir)
+    assert 5_000 < r["vocab_size"] < 30_000  # 14,600 words seen twice in 2,000 reviews
+    assert 0.90 < r["test_coverage"] < 0.99  # 0.95
+    assert 200 < r["words_per_review"] < 350  # 261 basic_english tokens per test review
+    for kind in ("bpe", "wordpiece"):  # subwords split rare words: somewhat longer sequences (~1.27x)
+        assert 1.05 < r[f"{kind}_tokens_per_review"] / r["words_per_review"] < 1.6
+    assert r["padding_random"] > 0.3  # 0.51: a long review sits in nearly every random batch of 32
+    assert r["padding_bucketed"] < 0.1  # 0.03
+    assert r["padding_saved"] > 0.8  # 0.94
+    assert r["padding_saved"] == pytest.approx(1 - r["padding_bucketed"] / r["padding_random"], abs=1e-3)
+    assert_figures(out, ["01_vocab_coverage.png", "01_lengths_padding.png"])
+
+
+def test_lesson_02_transformer_classifier(tmp_path, imdb_dir):
+    r, out = run_lesson("02_transformer_classifier.py", tmp_path, imdb_dir)
+    assert r["test_accuracy"] > 0.65  # 0.73-0.75 after 2 epochs on 2,700 reviews; chance is 0.5
+    assert r["val_accuracy"] > 0.6
+    assert r["param_formula_matches"] is True
+    assert r["parameters"] > 100_000
+    assert r["fused_vs_explicit"] < 1e-5  # ~1e-7
+    assert r["padding_diff"] < 1e-5  # ~5e-8: padding does not change the logits
+    assert r["no_mask_diff"] > 1e-2  # ~0.4: without the mask it does
+    assert_figures(out, ["02_positions.png", "02_attention.png", "02_training_curves.png"])
+    assert (out / "02_run" / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+def test_lesson_03_training_loops(tmp_path, imdb_dir):
+    r, out = run_lesson("03_training_loops.py", tmp_path, imdb_dir)
+    assert r["resume_identical"] is True
+    assert r["best_epoch"] < r["early_stop_epoch"] < r["epochs"]  # 3 < 5 < 7
+    assert r["early_stop_epoch"] == r["best_epoch"] + 2  # patience 2 on the validation loss
+    assert r["final_train_loss"] < 0.1  # 0.002: memorised
+    assert r["final_val_loss"] > 1.2 * r["min_val_loss"]  # 1.20 vs 0.64: overfitted
+    assert 0 < r["clipped_fraction"] < 1  # 0.17
+    assert r["optimism_test"] > 0.004  # 0.014: picking on test is optimistic...
+    assert abs(r["optimism_val"]) < 0.004  # 0.0001: ...picking on validation is not
+    assert r["leakage_gap"] == pytest.approx(r["optimism_test"] - r["optimism_val"], abs=2e-4)
+    assert_figures(out, ["03_overfitting.png", "03_leakage.png", "03_schedule_clipping.png"])
+
+
+def test_lesson_index_lists_all_lessons():
+    """lessons/README.md names the 20 lessons of DESIGN.md; every file it links to exists."""
+    index = (LESSONS / "README.md").read_text()
+    numbers = re.findall(r"^\| (\d\d) \|", index, flags=re.M)
+    assert numbers == [f"{n:02d}" for n in range(1, 21)]
+    linked = re.findall(r"\]\((\d\d_\w+\.py)\)", index)
+    assert linked == sorted(p.name for p in LESSONS.glob("[0-9][0-9]_*.py"))
+    for name in linked:
+        source = (LESSONS / name).read_text()
+        assert "format_name: percent" in source and "# %% [markdown]" in source  # opens with jupytext
+        assert "from tunelab" in source
