@@ -34,8 +34,11 @@ def seed():
 
 @pytest.fixture(scope="session")
 def imdb_dir():
-    """The local IMDB parquet directory ($TUNELAB_DATA_DIR, else ../shared/data/imdb)."""
-    path = Path(os.environ.get("TUNELAB_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "imdb"))
+    """The local IMDB parquet directory ($TUNELAB_DATA_DIR, else ../shared/data/imdb), as an absolute path.
+
+    Absolute, because subprocesses (the lessons) run from other working directories.
+    """
+    path = Path(os.environ.get("TUNELAB_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "imdb")).resolve()
     if not (path / "train.parquet").exists():
         raise FileNotFoundError(
             f"IMDB parquet files not found in {path}; set TUNELAB_DATA_DIR to a folder holding "
