@@ -59,6 +59,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test-limit", type=int)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--bigram-buckets", type=int, help="override the default bigram table (0: none, an ablation)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed: initial weights, batch order, dropout")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
 
@@ -66,7 +67,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     # The benchmark setting is the default of `tunelab train imdb` (tunelab/tasks/imdb_classification.py).
     model = {} if args.bigram_buckets is None else {"bigram_buckets": args.bigram_buckets}
-    config = ImdbRunConfig.from_dict({"data": {"limit": args.limit, "test_limit": args.test_limit}, "model": model})
+    config = ImdbRunConfig.from_dict({"data": {"limit": args.limit, "test_limit": args.test_limit}, "model": model,
+                                     "train": {"seed": args.seed}})
     start = time.time()
     results = run_imdb_classification(config, args.out)
     total = time.time() - start
@@ -76,8 +78,9 @@ def main(argv=None) -> None:
     if args.limit is None and args.test_limit is None and not args.no_append:
         m, d = config.model, config.data
         setting = (f"d{m['d_model']} L{m['n_layers']} H{m['n_heads']} ff{m['d_ff']} {m['pooling']}-pool, "
-                   f"{m.get('bigram_buckets', 0):,} bigram buckets, "
-                   f"{d.max_length} tok {d.truncation}, vocab {results['vocab_size']}, {config.train.epochs} ep")
+                   f"{m.get('bigram_buckets', 0):,} bigram buckets, token dropout {m.get('token_dropout', 0.0)}, "
+                   f"{d.max_length} tok {d.truncation}, vocab {results['vocab_size']}, {config.train.epochs} ep, "
+                   f"seed {args.seed}")
         figures = (f"{results['parameters']:,} params, training {results['train_seconds'] / 60:.1f} min, "
                    f"best val {results['best_validation']:.2%}")
         command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])

@@ -32,6 +32,7 @@ TRAIN_OPTIONS = {
     "--dropout": ("model", "dropout", float, "dropout probability"),
     "--pooling": ("model", "pooling", str, "mean, max or cls"),
     "--bigram-buckets": ("model", "bigram_buckets", int, "rows of the hashed bigram table (0: none)"),
+    "--token-dropout": ("model", "token_dropout", float, "probability of hiding each token while training"),
     "--epochs": ("train", "epochs", int, "passes over the training set"),
     "--batch-size": ("train", "batch_size", int, "examples per optimizer step"),
     "--lr": ("train", "lr", float, "peak learning rate"),

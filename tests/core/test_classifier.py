@@ -163,6 +163,25 @@ def test_dropout_settings_reach_their_modules():
     assert all(layer.attn.dropout == 0.1 for layer in model.layers)
 
 
+def test_token_dropout_hides_real_tokens_only_while_training():
+    config = ClassifierConfig.tiny(token_dropout=0.3, max_len=400)
+    model = TransformerClassifier(config)
+    ids, mask = batch(lengths=(400, 250, 1, 90), T=400)
+    kept = model.drop_tokens(ids, mask)
+    assert not (kept.bool() & ~mask.bool()).any()  # padding stays hidden
+    assert (kept.sum(dim=1) >= 1).all()  # the one-token row keeps its token
+    dropped = 1 - kept[mask.bool()].float().mean()
+    assert 0.25 < dropped < 0.35  # about token_dropout of the 741 real tokens
+    # In eval mode nothing is dropped: the same weights without token dropout give the same logits.
+    plain = TransformerClassifier(ClassifierConfig.tiny(max_len=400)).eval()
+    plain.load_state_dict(model.state_dict())
+    model.eval()
+    assert_close(model(ids, mask), plain(ids, mask))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(ids, mask), plain(ids, mask))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -177,6 +196,7 @@ def test_dropout_settings_reach_their_modules():
         (dict(pad_id=100), r"pad_id 100 .* vocab_size 100"),
         (dict(d_model=16.0), r"d_model must be an int"),
         (dict(bigram_buckets=-1), r"bigram_buckets must be >= 0"),
+        (dict(token_dropout=1.0), r"token_dropout must be in \[0, 1\)"),
     ],
 )
 def test_config_validation(overrides, message):

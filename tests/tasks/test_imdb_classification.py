@@ -83,3 +83,19 @@ def test_config_rejects_unknown_settings():
         ImdbRunConfig.from_dict({"train": {"epochz": 3}})
     with pytest.raises(ValueError, match="optimiser"):
         ImdbRunConfig.from_dict({"optimiser": {}})
+
+
+def test_the_seed_alone_fixes_the_run(tmp_path, imdb_dir):
+    """Initial weights come from the run's seed, not from whatever used torch's RNG before."""
+    config = ImdbRunConfig.from_dict({
+        "data": {"data_dir": str(imdb_dir), "limit": 200, "test_limit": 100, "max_length": 32, "vocab_size": 500},
+        "model": {"bigram_buckets": 1000},
+        "train": {"epochs": 1, "progress": False, "plot": False},
+    })
+    torch.manual_seed(1)
+    first = run_imdb_classification(config, tmp_path / "first")
+    torch.rand(1000)  # a different global RNG state
+    second = run_imdb_classification(config, tmp_path / "second")
+    assert second["test_loss"] == first["test_loss"]
+    weights = [load_run(tmp_path / name).model.state_dict() for name in ("first", "second")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -40,6 +40,11 @@ class ClassifierConfig:
     token), looked up in a table of that many rows by hashing the pair (the "hashing trick" of
     fastText, Joulin et al. 2017, https://arxiv.org/abs/1607.01759). Word order then enters before
     the first attention layer: "not good" gets its own vector. 0 turns it off.
+
+    `token_dropout` hides each real token from attention and pooling with that probability while
+    training ("word dropout" of the deep averaging network, Iyyer et al. 2015,
+    https://aclanthology.org/P15-1162): the model cannot lean on any single word, which matters
+    most for the many rare words and bigrams it could otherwise memorise. Evaluation sees every token.
     """
 
     vocab_size: int
@@ -60,6 +65,7 @@ class ClassifierConfig:
     pad_id: int = 0
     layer_norm_eps: float = 1e-5
     bigram_buckets: int = 0
+    token_dropout: float = 0.0
 
     def __post_init__(self):
         ints = ("vocab_size", "num_classes", "d_model", "n_heads", "n_layers", "d_ff", "max_len", "pad_id",
@@ -78,7 +84,7 @@ class ClassifierConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("dropout", "embedding_dropout", "attention_dropout"):
+        for name in ("dropout", "embedding_dropout", "attention_dropout", "token_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -185,6 +191,8 @@ class TransformerClassifier(nn.Module):
         if self.config.bigram_buckets:
             x = x + self.bigram_embedding(self.bigram_ids(input_ids, attention_mask))  # (B, T, C)
         x = x * self.embed_scale
+        if self.training and self.config.token_dropout > 0:
+            attention_mask = self.drop_tokens(input_ids, attention_mask)  # (B, T)
         x = self.position(x)  # (B, T, C)
         if self.config.pooling == "cls":
             cls = (self.cls_token * self.embed_scale).expand(B, -1, -1)  # (B, 1, C)
@@ -195,6 +203,13 @@ class TransformerClassifier(nn.Module):
         for layer in self.layers:
             x = layer(x, attention_mask)  # (B, T', C)
         return self.final_norm(x), attention_mask  # (B, T', C)
+
+    def drop_tokens(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """The mask with each real token hidden with probability token_dropout; no row loses all its tokens."""
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        kept = real & (torch.rand(input_ids.shape, device=input_ids.device) >= self.config.token_dropout)  # (B, T)
+        kept = torch.where(kept.any(dim=1, keepdim=True), kept, real)  # a row that lost everything keeps all
+        return kept.long()  # (B, T)
 
     def bigram_ids(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """(B, T) bigram-table rows: hash(token t, token t+1) in [1, buckets], or 0 where t+1 is not a real token.
