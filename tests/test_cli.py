@@ -50,6 +50,22 @@ def test_config_file_sets_what_options_do_not(tmp_path, imdb_dir, capsys):
     assert (run["model"]["d_model"], run["train"]["batch_size"]) == (8, 64)
 
 
+def test_resume_finishes_an_interrupted_run_with_its_own_settings(tmp_path, imdb_dir):
+    """Stopped after 3 steps (max_steps), then `--resume` with only --out: the same run as one that never stopped."""
+    stop = tmp_path / "stop.yaml"
+    stop.write_text("train:\n  max_steps: 3\n")
+    common = ["train", "imdb", "--data-dir", str(imdb_dir), *TINY, "--epochs", "2"]
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert main([*common, "--config", str(stop), "--out", str(tmp_path / "resumed")]) == 0
+    interrupted = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert interrupted["steps"] == 3
+    assert main(["train", "imdb", "--data-dir", str(imdb_dir), "--out", str(tmp_path / "resumed"), "--resume",
+                 "--quiet"]) == 0
+    straight, resumed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("straight", "resumed"))
+    assert resumed["steps"] == straight["steps"] > 3
+    assert resumed["test_loss"] == straight["test_loss"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["train", "imdb", "--epochs", "many"], "invalid int value: 'many'"),
     (["train", "cifar"], "invalid choice: 'cifar'"),

@@ -99,12 +99,17 @@ def _train(args) -> None:
     from tunelab.tasks.imdb_classification import ImdbRunConfig, run_imdb_classification
 
     values = load_config_file(args.config) if args.config else {}
+    saved = Path(args.out) / "run.json"
+    if args.resume and saved.is_file():  # continue with the run's own settings; options still override
+        record = json.loads(saved.read_text())
+        record["train"].pop("max_steps", None)  # where the first invocation was told to stop, not the run's length
+        values = {section: {**record.get(section, {}), **values.get(section, {})} for section in ("data", "model", "train")}
     for option, (section, key, _, _) in TRAIN_OPTIONS.items():
         value = getattr(args, option[2:].replace("-", "_"))
         if value is not None:
             values.setdefault(section, {})[key] = value
     values.setdefault("train", {})
-    values["train"].update(resume=args.resume, progress=not args.quiet)
+    values["train"].update(resume=args.resume, progress=not args.quiet, out_dir=str(args.out))
     config = ImdbRunConfig.from_dict(values)
     results = run_imdb_classification(config, args.out)
     print(f"test accuracy: {results['test_accuracy']:.2%} on {results['test_examples']} reviews "

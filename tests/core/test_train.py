@@ -170,6 +170,16 @@ def test_resume_equals_uninterrupted_run(data, tmp_path, accum, interrupt_at, sa
         assert torch.equal(a, b)
 
 
+def test_resume_with_the_same_max_steps_takes_no_step(data, tmp_path):
+    train, val = data
+    model = fresh_model()
+    first = fit(train, val, model, out_dir=tmp_path, epochs=2, batch_size=16, max_steps=5)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    again = fit(train, val, model, out_dir=tmp_path, epochs=2, batch_size=16, max_steps=5, resume=True)
+    assert first.steps == again.steps == 5 and not again.completed
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
 def test_resume_after_a_crash_between_checkpoints(data, tmp_path):
     """A crash after step 10 resumes from the step-8 checkpoint; the log loses the records after it."""
     train, val = data

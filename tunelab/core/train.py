@@ -201,7 +201,8 @@ def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, conf
     run = _Run(config, out_dir, progress, model, optimizer, scheduler, data_shape, eval_kwargs)
 
     bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not config.progress)
-    stop, max_steps = progress.stopped_early, config.max_steps or math.inf
+    max_steps = config.max_steps or math.inf
+    stop = progress.stopped_early or progress.step >= max_steps  # a resumed run may already be there
     model.train()
     for epoch in range(progress.epoch, config.epochs):
         if stop:
