@@ -103,7 +103,8 @@ def _train(args) -> None:
     if args.resume and saved.is_file():  # continue with the run's own settings; options still override
         record = json.loads(saved.read_text())
         record["train"].pop("max_steps", None)  # where the first invocation was told to stop, not the run's length
-        values = {section: {**record.get(section, {}), **values.get(section, {})} for section in ("data", "model", "train")}
+        values = {section: {**record.get(section, {}), **values.get(section, {})}
+                  for section in ("data", "model", "train")}
     for option, (section, key, _, _) in TRAIN_OPTIONS.items():
         value = getattr(args, option[2:].replace("-", "_"))
         if value is not None:

@@ -9,6 +9,7 @@ from tunelab.core.train import TrainConfig
 from tunelab.tasks.imdb_classification import (
     DataConfig,
     ImdbRunConfig,
+    encode_examples,
     evaluate_run,
     load_run,
     predict,
@@ -99,3 +100,17 @@ def test_the_seed_alone_fixes_the_run(tmp_path, imdb_dir):
     assert second["test_loss"] == first["test_loss"]
     weights = [load_run(tmp_path / name).model.state_dict() for name in ("first", "second")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_encode_examples_truncates_and_keeps_labels():
+    from datasets import Dataset
+
+    from tunelab.core.text import build_vocab
+
+    rows = Dataset.from_dict({"text": ["a b c d e f", "", "zzz"], "label": [1, 0, 1]})
+    vocab = build_vocab(["a b c d e f"], min_freq=1)
+    examples = encode_examples(rows, vocab, max_length=4, truncation="head+tail")
+    assert [e["label"] for e in examples] == [1, 0, 1] and all(type(e["label"]) is int for e in examples)
+    assert vocab.lookup_tokens(examples[0]["input_ids"]) == ["a", "d", "e", "f"]  # head+tail: a quarter head, the rest tail
+    unk = vocab["<unk>"]
+    assert examples[1]["input_ids"] == [unk] and examples[2]["input_ids"] == [unk]  # never empty

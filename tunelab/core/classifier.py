@@ -218,13 +218,11 @@ class TransformerClassifier(nn.Module):
         multiplicative hash (Knuth's 2654435761) modulo the bucket count. Padding never contributes,
         so extra padding leaves the ids of real tokens unchanged.
         """
-        nxt = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))  # (B, T): the next token, 0 past the end
-        has_next = torch.ones_like(input_ids, dtype=torch.bool)
-        has_next[:, -1] = False
-        if attention_mask is not None:
-            real = attention_mask.to(torch.bool)
-            has_next &= real & torch.nn.functional.pad(real[:, 1:], (0, 1))  # (B, T)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        has_next = real & nn.functional.pad(real[:, 1:], (0, 1))  # (B, T): t and t+1 are both real tokens
+        nxt = nn.functional.pad(input_ids[:, 1:], (0, 1))  # (B, T): the next token, 0 past the end
         pair = input_ids * self.config.vocab_size + nxt  # (B, T), unique per (a, b)
+        # int64 products wrap around for vocabularies above ~58k; `%` stays non-negative and deterministic.
         rows = (pair * 2654435761) % self.config.bigram_buckets + 1  # (B, T) in [1, buckets]
         return torch.where(has_next, rows, torch.zeros_like(rows))  # (B, T)
 

@@ -127,7 +127,8 @@ def run_imdb_classification(config: ImdbRunConfig, out_dir: str | Path) -> dict:
     torch.manual_seed(config.train.seed)  # the initial weights are part of what the seed fixes
     model = TransformerClassifier(model_config)
     collate = ClassificationCollator(max_length=data.max_length, pad_id=vocab["<pad>"], truncation=data.truncation)
-    sampler = LengthBucketSampler([len(e["input_ids"]) for e in train_examples], config.train.batch_size, seed=config.train.seed)
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    sampler = LengthBucketSampler(lengths, config.train.batch_size, seed=config.train.seed)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(out_dir / "vocab.json")
