@@ -16,41 +16,14 @@ tunelab/tasks/imdb_classification.py), so `tunelab train imdb` reproduces the ro
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
+from _common import append_row  # benchmarks/ is on sys.path when a script in it runs
+
 from tunelab.tasks.imdb_classification import ImdbRunConfig, run_imdb_classification
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "| benchmark | setting | headline | further figures | machine | date | command |\n|---|---|---|---|---|---|---|\n"
-
-
-def machine() -> str:
-    """CPU model, cores, torch threads and version: what the timing depends on."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
-def append_row(setting: str, headline: str, figures: str, command: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\n" + HEADER)
-    row = f"| imdb_scratch | {setting} | {headline} | {figures} | {machine()} | {date.today()} | `{command}` |\n"
-    with RESULTS.open("a") as f:
-        f.write(row)
-    print(row, end="")
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,8 +56,7 @@ def main(argv=None) -> None:
                    f"seed {args.seed}")
         figures = (f"{results['parameters']:,} params, training {results['train_seconds'] / 60:.1f} min, "
                    f"best val {results['best_validation']:.2%}")
-        command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
-        append_row(setting, f"{results['test_accuracy']:.2%}", figures, command)
+        append_row("imdb_scratch", setting, f"{results['test_accuracy']:.2%}", figures)
 
 
 if __name__ == "__main__":

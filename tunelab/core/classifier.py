@@ -32,9 +32,8 @@ class ClassifierConfig:
 
     `dropout` applies to feed-forward activations, residual branches and the pooled vector before
     the head; `embedding_dropout=None` means "same as `dropout`". `attention_dropout` defaults to 0:
-    on CPU, dropout on the attention weights makes F.scaled_dot_product_attention fall back from its
-    flash kernel to the (B, H, T, T) math path: 1.4-1.7x slower per training step at (32, 512) on
-    our 2-core CPU. Set it to 0.1 for BERT-like regularisation.
+    on CPU, dropout on the attention weights takes attention off torch's flash kernel onto the
+    explicit (B, H, T, T) path, which costs time and memory. Set it to 0.1 for BERT-like regularisation.
 
     `bigram_buckets > 0` adds to each token's embedding a learned vector for the pair (token, next
     token), looked up in a table of that many rows by hashing the pair (the "hashing trick" of

@@ -219,3 +219,61 @@ class LengthBucketSampler(Sampler[list[int]]):
             batches = [batches[i] for i in rng.permutation(len(batches))]
         for batch in batches:
             yield batch.tolist()
+
+
+class MaskedLMCollator:
+    """Batch token sequences for masked language modelling (BERT's pre-training, Devlin et al. 2019, 3.1).
+
+    Of the real, non-special tokens, `mlm_probability` (15%) are chosen; the model must predict them.
+    Of the chosen, 80% are replaced by [MASK], 10% by a random token and 10% left as they are, so the
+    model cannot learn that only [MASK] positions matter. Labels hold the original id at chosen
+    positions and -100 elsewhere. Every sequence gets at least one chosen token, so no batch has a loss
+    over zero labels.
+
+    Args:
+        mask_id: id of [MASK]. vocab_size: random replacements are drawn from [0, vocab_size).
+        special_ids: ids never chosen ([CLS], [SEP], [PAD], ...).
+        pad_id: id written into padding positions. max_length: longer sequences keep their head.
+        mlm_probability: share of tokens chosen.
+        seed: None draws from torch's global generator (training: new masks every epoch); an int
+            makes every call draw from a generator seeded with it (validation: the same masks each time).
+    """
+
+    def __init__(self, mask_id: int, vocab_size: int, special_ids: Sequence[int] = (), pad_id: int = 0,
+                 max_length: int = 128, mlm_probability: float = 0.15, seed: int | None = None):
+        if not 0.0 < mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        if not 0 <= mask_id < vocab_size:
+            raise ValueError(f"mask_id {mask_id} is not a token id of vocab_size {vocab_size}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        self.mask_id, self.vocab_size, self.pad_id, self.max_length = mask_id, vocab_size, pad_id, max_length
+        self.special_ids = torch.tensor(sorted({*special_ids, pad_id, mask_id}), dtype=torch.long)
+        self.mlm_probability, self.seed = mlm_probability, seed
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Return `input_ids` (masked), `attention_mask` and `labels`, each (B, T)."""
+        if len(examples) == 0:
+            raise ValueError("cannot collate an empty list of examples")
+        sequences = [truncate(_token_ids(example, index, None), self.max_length)
+                     for index, example in enumerate(examples)]
+        input_ids, attention_mask = pad_sequences(sequences, self.pad_id)  # (B, T), (B, T)
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        candidates = (attention_mask == 1) & ~torch.isin(input_ids, self.special_ids)  # (B, T)
+        if not candidates.any(dim=1).all():
+            row = int((~candidates.any(dim=1)).nonzero()[0])
+            raise ValueError(f"example {row} has no token that may be masked (only special tokens)")
+        draw = torch.rand(input_ids.shape, generator=generator)  # (B, T)
+        chosen = candidates & (draw < self.mlm_probability)
+        # A row that drew nothing gets its candidate with the smallest draw.
+        fallback = draw.masked_fill(~candidates, 2.0).argmin(dim=1)  # (B,)
+        empty = ~chosen.any(dim=1)
+        chosen[empty, fallback[empty]] = True
+        labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)  # (B, T)
+
+        how = torch.rand(input_ids.shape, generator=generator)  # (B, T): 80% mask, 10% random, 10% keep
+        masked = input_ids.masked_fill(chosen & (how < 0.8), self.mask_id)
+        random_tokens = torch.randint(self.vocab_size, input_ids.shape, generator=generator)
+        replace = chosen & (how >= 0.8) & (how < 0.9)
+        masked = torch.where(replace, random_tokens, masked)  # (B, T)
+        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}

@@ -10,6 +10,7 @@ test copies weights name by name.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +18,21 @@ from torch import Tensor, nn
 
 from tunelab.core.attention import MultiHeadAttention
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+# "gelu" is the exact erf form (BERT); "gelu_tanh" the tanh approximation (GPT-2, Hugging Face "gelu_new").
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
 
 
 class FeedForward(nn.Module):
     """Position-wise feed-forward network (Vaswani et al. 2017, eq. 2).
 
     FFN(x) = linear2(dropout(act(linear1(x)))), applied to every position independently;
-    act is exact (erf) GELU or ReLU, as in `torch.nn.TransformerEncoderLayer`.
+    act is exact (erf) GELU, its tanh approximation, or ReLU.
 
     Args:
         d_model: input and output width C.
         d_ff: hidden width (usually 4 * d_model).
         dropout: dropout on the hidden activations (training only).
-        activation: "gelu" or "relu".
+        activation: "gelu", "gelu_tanh" or "relu".
     """
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.1, activation: str = "gelu"):
@@ -61,10 +63,12 @@ class EncoderLayer(nn.Module):
 
     Args:
         d_model: model width C. n_heads: attention heads. d_ff: feed-forward hidden width.
-        dropout: dropout on the feed-forward activations and both residual branches.
+        dropout: dropout on both residual branches (and the feed-forward activations, see below).
         attention_dropout: dropout on the attention weights; None means `dropout` (as in torch).
+        activation_dropout: dropout on the feed-forward hidden activations; None means `dropout`
+            (as in torch). BERT has none there: 0.
         norm_first: True for pre-norm, False for post-norm.
-        activation: "gelu" or "relu". attn_impl: "fused" or "explicit".
+        activation: "gelu", "gelu_tanh" or "relu". attn_impl: "fused" or "explicit".
         layer_norm_eps: epsilon of both LayerNorms.
     """
 
@@ -79,12 +83,14 @@ class EncoderLayer(nn.Module):
         attn_impl: str = "fused",
         layer_norm_eps: float = 1e-5,
         attention_dropout: float | None = None,
+        activation_dropout: float | None = None,
     ):
         super().__init__()
         self.norm_first = norm_first
         attention_dropout = dropout if attention_dropout is None else attention_dropout
+        activation_dropout = dropout if activation_dropout is None else activation_dropout
         self.attn = MultiHeadAttention(d_model, n_heads, dropout=attention_dropout, impl=attn_impl)
-        self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation)
+        self.ff = FeedForward(d_model, d_ff, dropout=activation_dropout, activation=activation)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.dropout1 = nn.Dropout(dropout)

@@ -241,6 +241,13 @@ def train_tokenizer(
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if kind == "wordpiece":
+        # The trainer finds the same pieces every time but may number them differently from one training
+        # to the next (a hash-map order): specials first, then the pieces in sorted order, fixes the ids.
+        # (When the last merges tie, another of the tied pieces may be chosen: a piece or two can differ.)
+        vocab = tokenizer.get_vocab()
+        order = list(specials) + sorted(piece for piece in vocab if piece not in specials)
+        tokenizer.model = models.WordPiece({piece: i for i, piece in enumerate(order)}, unk_token=unk)
     if "[PAD]" in specials:
         tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
     return tokenizer

@@ -153,14 +153,15 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int, bat
 
 
 def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, config: TrainConfig,
-                loss_fn=None, batch_sampler=None) -> TrainResult:
+                loss_fn=None, batch_sampler=None, eval_collate_fn=None) -> TrainResult:
     """Train `model` in place on `train_data` (a sequence of examples) and return a `TrainResult`.
 
     One optimizer step: for each of `grad_accum_steps` micro-batches, backward(loss / k); clip the global
     gradient norm to `max_grad_norm` (Pascanu et al. 2013); AdamW step; schedule step. After each epoch
     (and every `eval_every_steps`) evaluate on `val_data`, keep the best checkpoint, stop early when due.
     A fresh run seeds Python, NumPy and torch with `config.seed`; out_dir receives metrics.jsonl,
-    curves.png and checkpoints/{last,best}.
+    curves.png and checkpoints/{last,best}. `eval_collate_fn` (default: `collate_fn`) collates validation
+    batches, e.g. with fixed instead of random masks for masked language modelling.
     """
     loss_fn = loss_fn or cross_entropy_loss
     device = _resolve_device(config.device)
@@ -196,7 +197,7 @@ def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, conf
     if out_dir is not None:  # the log holds exactly the records of the checkpoint we start from
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
-    eval_kwargs = dict(collate_fn=collate_fn, loss_fn=loss_fn, device=device,
+    eval_kwargs = dict(collate_fn=eval_collate_fn or collate_fn, loss_fn=loss_fn, device=device,
                        batch_size=config.eval_batch_size or config.batch_size)
     run = _Run(config, out_dir, progress, model, optimizer, scheduler, data_shape, eval_kwargs)
 

