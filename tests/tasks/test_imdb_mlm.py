@@ -56,6 +56,8 @@ def test_chunks_cover_the_review_in_cls_sep_windows(imdb_dir):
     tail = len(pieces) % 30
     assert 0 < tail and len(chunks) == len(pieces) // 30 + 1
     assert len(chunk_reviews(tokenizer, texts[:1], max_length=32, min_chunk=tail + 1)) == len(chunks) - 1
+    with pytest.raises(ValueError, match="min_chunk=31 is longer than a chunk"):
+        chunk_reviews(tokenizer, texts[:1], max_length=32, min_chunk=31)
     # a review shorter than min_chunk is still kept whole
     assert len(chunk_reviews(tokenizer, ["a short one"], max_length=32, min_chunk=16)) == 1
 

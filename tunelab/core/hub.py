@@ -186,6 +186,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: WordPieceTo
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tensors = {k: v.detach().contiguous().cpu() for k, v in tunelab_to_hf_state_dict(model).items()}
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o644)  # save_file creates it owner-only; a model folder is for sharing
         if tokenizer is not None:
             tokenizer.save(tmp)
         if folder.exists():  # keep whatever else the folder holds (a run's logs), replace our files

@@ -108,6 +108,9 @@ def chunk_reviews(tokenizer: WordPieceTokenizer, texts, max_length: int, min_chu
     size = max_length - 2
     if size < 1:
         raise ValueError(f"max_length={max_length} leaves no room for text beside [CLS] and [SEP]")
+    if min_chunk > size:
+        raise ValueError(f"min_chunk={min_chunk} is longer than a chunk ({size} pieces at max_length={max_length}): "
+                         "every chunk after a review's first would be dropped")
     chunks = []
     for ids in tokenizer.encode_batch(texts, add_special_tokens=False):
         for start in range(0, len(ids), size):
