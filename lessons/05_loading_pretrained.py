@@ -28,6 +28,7 @@
 # 6. what the pretrained features already know: a linear probe on frozen sentence embeddings.
 
 # %%
+import json
 import os
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
 print(f"{len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} numbers")
 for name in list(weights)[:6]:
     print(f"  {name:50s} {tuple(weights[name].shape)}")
-config = BertConfig.from_hf_dict(__import__("json").loads((folder / "config.json").read_text()))
+config = BertConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
 print(config)
 
 # %% [markdown]

