@@ -6,10 +6,15 @@ further figures, the machine, the date, the command that reproduces it.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import shlex
+import statistics
+import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -46,3 +51,102 @@ def append_row(benchmark: str, setting: str, headline: str, figures: str, comman
     with RESULTS.open("a") as f:
         f.write(row)
     print(row, end="")
+
+
+# glibc serves allocations above this many bytes with mmap and returns them to the OS when freed, so
+# resident memory follows the memory tensors really hold. Without it glibc raises the threshold as
+# large blocks are freed and keeps them cached: peak RSS then measures its caching as much as the model.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_training(model, run, batch: int, length: int, steps: int, warmup: int) -> dict:
+    """Median seconds of an inference forward and of a training step (forward + backward + AdamW on the
+    parameters that require grad), and the peak memory the steps add, for `run(ids, mask) -> logits`
+    on a (batch, length) batch of MiniLM-range token ids."""
+    from tunelab.core.train import make_optimizer
+
+    ids = torch.randint(1000, 30000, (batch, length))
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (batch,))
+    model.eval()
+    forwards = []
+    with torch.no_grad():
+        for _ in range(warmup + steps):
+            start = time.perf_counter()
+            run(ids, mask)
+            forwards.append(time.perf_counter() - start)
+    model.train()
+    optimizer = make_optimizer(model, lr=2e-5, weight_decay=0.01)  # the same AdamW on both sides
+    before = rss_bytes()
+    step_times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(run(ids, mask), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - start)
+    return {"forward": statistics.median(forwards[warmup:]), "step": statistics.median(step_times[warmup:]),
+            "memory": peak_rss_bytes() - before}
+
+
+def compare_in_subprocesses(script: str, impls: tuple[str, ...], args) -> dict[str, list[dict]]:
+    """Run `script --child IMPL` for each implementation in turn, `args.rounds` times: timings with the
+    allocator as users run it, memory in a separate short run under CHILD_ENV. Each child prints its
+    `time_training` dict as its last line. Returns {impl: [one dict per round]}."""
+
+    def run_child(impl: str, steps: int, warmup: int, env=None) -> dict:
+        command = [sys.executable, script, "--child", impl, "--batch", str(args.batch), "--length",
+                   str(args.length), "--steps", str(steps), "--warmup", str(warmup)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    results = {impl: [] for impl in impls}
+    for round_ in range(args.rounds):
+        for impl in impls:
+            r = run_child(impl, args.steps, args.warmup)
+            r["memory"] = run_child(impl, 2, 1, CHILD_ENV)["memory"]
+            results[impl].append(r)
+            print(f"round {round_ + 1} {impl:4s}: forward {r['forward']:.3f} s, step {r['step']:.3f} s, "
+                  f"peak memory +{r['memory'] / 2**20:.0f} MiB")
+    return results
+
+
+def speed_comparison(description: str, script: str, impls: tuple[str, ...], child, argv=None):
+    """The frame of a side-by-side speed benchmark. Parses the options they share; in a child process
+    (`--child IMPL`) prints `child(impl, args)` (a `time_training` dict) and returns None; in the parent runs
+    every implementation in subprocesses and returns (args, best, rounds): best[impl] holds the best round's
+    forward, step and memory, rounds[impl] every round's dict."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads in each subprocess (default: torch's choice)")
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--child", choices=impls, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return None
+    rounds = compare_in_subprocesses(script, impls, args)
+    best = {impl: {key: min(r[key] for r in rs) for key in ("forward", "step", "memory")}
+            for impl, rs in rounds.items()}
+    return args, best, rounds

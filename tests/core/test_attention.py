@@ -123,6 +123,32 @@ def test_scaled_dot_product_attention_handles_different_query_and_key_lengths():
     assert_close(explicit, scaled_dot_product_attention(q, k, v, impl="fused"))
 
 
+@pytest.mark.parametrize("impl", ["fused", "explicit"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_kv_prefix_equals_attending_over_the_longer_sequence(impl, causal, padded):
+    # The keys and values of P earlier positions, handed in as a prefix, give the last T queries exactly
+    # what they get when the whole P+T sequence runs at once (the invariant a KV cache relies on).
+    P = 3
+    attn = MultiHeadAttention(C, H, impl=impl).eval()
+    full = torch.randn(B, P + T, C)
+    mask = padding_mask() if padded else None
+    full_mask = None if mask is None else torch.cat([torch.ones(B, P, dtype=torch.long), mask], dim=1)
+    expected = attn(full, full_mask, causal)[:, P:]  # (B, T, C)
+    prefix = full[:, :P]
+    kv = (attn._split_heads(attn.k_proj(prefix)), attn._split_heads(attn.v_proj(prefix)))  # (B, H, P, D) each
+    assert_close(attn(full[:, P:], mask, causal, kv_prefix=kv), expected)
+
+
+def test_make_attention_bias_with_a_prefix():
+    P, neg = 2, torch.finfo(torch.float32).min
+    both = make_attention_bias(padding_mask(), True, T, torch.float32, n_prefix=P)
+    assert both.shape == (B, 1, T, P + T)
+    assert (both[:, 0, :, :P] == 0).all()  # the prefix is visible to every query
+    assert both[0, 0, 0, P] == 0 and both[0, 0, 0, P + 1] == neg  # causal over the T keys, shifted by P
+    assert both[2, 0, 3, P + 1] == neg  # row 2 has one real token: key 1 is padding
+
+
 def test_errors():
     with pytest.raises(ValueError, match=r"d_model \(10\).*n_heads \(4\)"):
         MultiHeadAttention(10, 4)

@@ -209,3 +209,30 @@ def test_crash_between_the_renames_is_recovered(saved, monkeypatch):
     save_checkpoint(path, changed)  # the next save puts things back in order
     assert sorted(p.name for p in path.parent.iterdir()) == ["last"]
     assert same_weights(load_model_weights(Small(), path), changed)
+
+
+def test_a_trainable_only_checkpoint_holds_and_restores_just_what_trains(tmp_path):
+    # A frozen pretrained body with a small trained part (a PEFT run): the checkpoint skips the frozen weights.
+    torch.manual_seed(1)
+    model = Small()
+    model.embedding.requires_grad_(False)
+    model.norm.requires_grad_(False)
+    model.register_buffer("counter", torch.tensor([7.0]))  # buffers are kept: they may change in training
+    trained_model, optimizer, _ = trained(model)
+    save_checkpoint(tmp_path / "last", trained_model, optimizer, trainable_only=True)
+    with safe_open(str(tmp_path / "last" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["counter", "head.bias", "head.weight"]
+    torch.manual_seed(1)  # the same frozen body, rebuilt as a run rebuilds its pretrained model
+    fresh = Small()
+    fresh.embedding.requires_grad_(False)
+    fresh.norm.requires_grad_(False)
+    fresh.register_buffer("counter", torch.tensor([0.0]))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)  # as `trained` builds it
+    load_checkpoint(tmp_path / "last", fresh, fresh_optimizer)
+    assert same_weights(fresh, trained_model)
+    load_model_weights(fresh, tmp_path / "last")  # the weights-only loader reads the same flag
+    unfrozen = Small()  # the norm trains here, but the checkpoint has no norm weights: refused by name
+    unfrozen.embedding.requires_grad_(False)
+    unfrozen.register_buffer("counter", torch.tensor([0.0]))
+    with pytest.raises(CheckpointError, match=r"trainable parameters of Small: missing keys \(2\): norm.bias"):
+        load_model_weights(unfrozen, tmp_path / "last")

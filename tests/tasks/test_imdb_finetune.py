@@ -57,8 +57,8 @@ def test_encode_reviews_keeps_room_for_cls_and_sep_and_refuses_no_room():
 
 
 def test_unknown_method_and_settings_are_refused():
-    with pytest.raises(ValueError, match="unknown fine-tuning method 'prefix'"):
-        FinetuneRunConfig.from_dict({"method": "prefix"})
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'magic'"):
+        FinetuneRunConfig.from_dict({"method": "magic"})
     with pytest.raises(ValueError, match=r"unknown train settings \['lr_max'\]"):
         FinetuneRunConfig.from_dict({"train": {"lr_max": 1.0}})
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 512"):

@@ -24,6 +24,7 @@ def make_attention_bias(
     T: int,
     dtype: torch.dtype,
     device: torch.device | str | None = None,
+    n_prefix: int = 0,
 ) -> Tensor | None:
     """Additive attention bias: 0 where a query may look at a key, a very negative number elsewhere.
 
@@ -37,10 +38,12 @@ def make_attention_bias(
         T: sequence length (queries and keys).
         dtype: dtype of the attention scores the bias is added to.
         device: where to build the bias (defaults to the mask's device).
+        n_prefix: P key/value positions in front of the T keys (prefix tuning, a KV cache), visible to
+            every query; causal query t then sees keys 0..P+t.
 
     Returns:
-        None if there is nothing to mask, else a bias broadcastable to (B, H, T, T):
-        (B, 1, 1, T) for padding only, (1, 1, T, T) for causal only, (B, 1, T, T) for both.
+        None if there is nothing to mask, else a bias broadcastable to (B, H, T, P+T):
+        (B, 1, 1, P+T) for padding only, (1, 1, T, P+T) for causal only, (B, 1, T, P+T) for both.
     """
     if attention_mask is None and not causal:
         return None
@@ -52,10 +55,14 @@ def make_attention_bias(
             raise ValueError(
                 f"attention_mask must have shape (B, T={T}), got {tuple(attention_mask.shape)}"
             )
-        keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+        keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, T)
+        if n_prefix:
+            keep = torch.cat([keep.new_ones(keep.shape[0], n_prefix), keep], dim=1)  # (B, P+T)
+        keep = keep[:, None, None, :]  # (B, 1, 1, P+T)
     if causal:
-        lower = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, T, T)
-        keep = lower if keep is None else keep & lower  # (B, 1, T, T)
+        lower = torch.ones(T, n_prefix + T, dtype=torch.bool, device=device).tril(n_prefix)
+        lower = lower[None, None]  # (1, 1, T, P+T)
+        keep = lower if keep is None else keep & lower  # (B, 1, T, P+T)
     bias = torch.zeros(keep.shape, dtype=dtype, device=device)
     return bias.masked_fill_(~keep, torch.finfo(dtype).min)
 
@@ -95,8 +102,14 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        """Self-attention over `x`.
+    def forward(
+        self,
+        x: Tensor,
+        attention_mask: Tensor | None = None,
+        causal: bool = False,
+        kv_prefix: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Self-attention over `x`, optionally also over P extra key/value positions in front of it.
 
         Padding is masked as keys only: a query at a padded position still attends to the real
         keys (finite, ignored downstream). A fully padded sequence attends uniformly to all its
@@ -106,6 +119,8 @@ class MultiHeadAttention(nn.Module):
             x: (B, T, C) input.
             attention_mask: (B, T) 1 = real token, 0 = padding; None means all real.
             causal: mask future keys (query t sees keys <= t).
+            kv_prefix: (keys, values), each (B, H, P, D), placed before the T keys and values of `x` and
+                never masked: the learned prefixes of prefix tuning (Li & Liang 2021), or a KV cache.
 
         Returns:
             (B, T, C) output.
@@ -116,12 +131,19 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(self.q_proj(x))  # (B, H, T, D)
         k = self._split_heads(self.k_proj(x))  # (B, H, T, D)
         v = self._split_heads(self.v_proj(x))  # (B, H, T, D)
+        n_prefix = 0
+        if kv_prefix is not None:
+            k = torch.cat([kv_prefix[0], k], dim=2)  # (B, H, P+T, D)
+            v = torch.cat([kv_prefix[1], v], dim=2)  # (B, H, P+T, D)
+            n_prefix = kv_prefix[0].shape[2]
         dropout_p = self.dropout if self.training else 0.0
-        if self.impl == "fused" and attention_mask is None and (dropout_p == 0.0 or x.device.type != "cpu"):
-            # No padding: let the kernel build the causal mask itself (its fastest case).
+        if (self.impl == "fused" and attention_mask is None and not (causal and n_prefix)
+                and (dropout_p == 0.0 or x.device.type != "cpu")):
+            # No padding: let the kernel build the causal mask itself (its fastest case). Its causal mask is
+            # aligned top-left, which is wrong once a prefix shifts the keys; that case takes the bias below.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
         else:
-            bias = make_attention_bias(attention_mask, causal, T, q.dtype, q.device)
+            bias = make_attention_bias(attention_mask, causal, T, q.dtype, q.device, n_prefix)
             y = scaled_dot_product_attention(q, k, v, bias, dropout_p, self.impl)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C), heads concatenated
         return self.out_proj(y)  # (B, T, C)

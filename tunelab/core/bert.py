@@ -117,14 +117,17 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        T = input_ids.shape[1]
-        x = self.word_embeddings(input_ids)  # (B, T, C)
+    def forward(self, input_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, position_offset: int = 0) -> Tensor:
+        """(B, T) ids, or (B, T, C) word vectors given directly (soft prompts) -> (B, T, C).
+        Positions run from `position_offset` (P when P prefix positions come first, as in Hugging Face)."""
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        T = x.shape[1]
         if token_type_ids is None:  # a single segment: every token has type 0
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)  # (B, T, C)
-        x = x + self.position_embeddings.weight[:T]  # (T, C) broadcast over the batch
+        x = x + self.position_embeddings.weight[position_offset:position_offset + T]  # (T, C) broadcast over B
         return self.dropout(self.norm(x))  # (B, T, C)
 
 
@@ -159,22 +162,34 @@ class BertModel(nn.Module):
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if add_pooler else None
         self.apply(lambda module: init_bert_weights(module, c.initializer_range))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                output_hidden_states: bool = False) -> BertOutput:
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, output_hidden_states: bool = False, *,
+                inputs_embeds: Tensor | None = None,
+                kv_prefixes: list[tuple[Tensor, Tensor]] | None = None) -> BertOutput:
         """Encode a padded batch.
 
         Args:
             input_ids: (B, T) token ids, [CLS] first. attention_mask: (B, T) 1 = real, 0 = padding, or None.
             token_type_ids: (B, T) segment ids, or None for all zeros.
             output_hidden_states: also return the embedding output and every layer's output.
+            inputs_embeds: (B, T, C) word vectors instead of `input_ids` (prompt tuning prepends learned ones).
+            kv_prefixes: per layer, (keys, values) each (B, H, P, D) that every query also attends to
+                (prefix tuning). As in Hugging Face, the positions of the T tokens then start at P.
         """
-        check_inputs(input_ids, attention_mask, self.config)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        n_prefix = 0
+        if kv_prefixes is not None:
+            if len(kv_prefixes) != len(self.layers):
+                raise ValueError(f"kv_prefixes has {len(kv_prefixes)} entries for {len(self.layers)} layers")
+            n_prefix = kv_prefixes[0][0].shape[2]
+        check_inputs(input_ids, attention_mask, self.config, inputs_embeds, n_prefix)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing to mask: the fused kernel runs unmasked (its fastest case)
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        x = self.embeddings(input_ids, token_type_ids, inputs_embeds, position_offset=n_prefix)  # (B, T, C)
         states = [x]
-        for layer in self.layers:
-            x = layer(x, attention_mask)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attention_mask, kv_prefix=None if kv_prefixes is None else kv_prefixes[i])  # (B, T, C)
             states.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None  # (B, C)
         return BertOutput(x, pooled, tuple(states) if output_hidden_states else None)
@@ -192,9 +207,10 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         init_bert_weights(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> Tensor:
-        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output  # (B, C)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, **encoder_inputs) -> Tensor:
+        """`encoder_inputs` (inputs_embeds, kv_prefixes) go to `BertModel.forward`."""
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, **encoder_inputs).pooler_output  # (B, C)
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
 
 
@@ -217,9 +233,10 @@ class BertForMaskedLM(nn.Module):
     def decoder_weight(self) -> Tensor:
         return self.bert.embeddings.word_embeddings.weight  # (V, C), shared with the input embedding
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None) -> Tensor:
-        h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, T, C)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, **encoder_inputs) -> Tensor:
+        """`encoder_inputs` (inputs_embeds, kv_prefixes) go to `BertModel.forward`."""
+        h = self.bert(input_ids, attention_mask, token_type_ids, **encoder_inputs).last_hidden_state  # (B, T, C)
         h = self.transform_norm(self.activation(self.transform(h)))  # (B, T, C)
         return nn.functional.linear(h, self.decoder_weight, self.decoder_bias)  # (B, T, V)
 
@@ -240,22 +257,31 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
-def check_inputs(input_ids: Tensor, attention_mask: Tensor | None, config: BertConfig) -> None:
+def check_inputs(input_ids: Tensor | None, attention_mask: Tensor | None, config: BertConfig,
+                 inputs_embeds: Tensor | None = None, n_prefix: int = 0) -> None:
     """Raise a ValueError naming the problem with a batch: shapes, empty rows, ids out of range, length."""
-    if input_ids.dim() != 2:
+    if inputs_embeds is not None:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != config.hidden_size:
+            raise ValueError(f"inputs_embeds must have shape (B, T, hidden_size={config.hidden_size}), "
+                             f"got {tuple(inputs_embeds.shape)}")
+        shape = tuple(inputs_embeds.shape[:2])
+    elif input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match "
-                         f"input_ids shape {tuple(input_ids.shape)}")
-    B, T = input_ids.shape
+    else:
+        shape = tuple(input_ids.shape)
+    if attention_mask is not None and tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match the batch shape {shape}")
+    B, T = shape
     if T == 0:
         raise ValueError("input_ids has no tokens (T = 0)")
-    if T > config.max_position_embeddings:
-        raise ValueError(f"sequence length {T} exceeds max_position_embeddings={config.max_position_embeddings}; "
-                         "truncate the input (e.g. the collator's max_length)")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got min {lo}, max {hi}")
+    if n_prefix + T > config.max_position_embeddings:
+        prefix = f" plus {n_prefix} prefix positions" if n_prefix else ""
+        raise ValueError(f"sequence length {T}{prefix} exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}; truncate the input (e.g. the collator's max_length)")
+    if input_ids is not None:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {config.vocab_size}), got min {lo}, max {hi}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,6 +332,13 @@ def _module_map(model: nn.Module) -> dict[str, str]:
     if isinstance(model, BertForMaskedLM):
         del mapping[prefix + "pooler.dense"]
     return mapping
+
+
+def hf_module_names(model: nn.Module) -> dict[str, str]:
+    """{our module path: Hugging Face module path} for a BERT model; {} for any other model."""
+    if type(model) not in _HEADS:
+        return {}
+    return {ours: hf for hf, ours in _module_map(model).items()}
 
 
 def hf_to_tunelab(model: nn.Module, hf_name: str) -> str | None:

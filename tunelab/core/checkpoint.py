@@ -2,7 +2,9 @@
 
 A checkpoint is a folder:
     model.safetensors      the model's state_dict (tied tensors stored once; the alias names go into the
-                           safetensors metadata as {alias: kept name}, the convention of safetensors.torch)
+                           safetensors metadata as {alias: kept name}, the convention of safetensors.torch);
+                           with `trainable_only`, only the parameters that train and the buffers: a LoRA
+                           run's checkpoint holds its adapters, not another copy of the frozen model
     optimizer.safetensors  optimizer state tensors named "<parameter index>.<name>", e.g. "3.exp_avg"
     rng.safetensors        the torch CPU generator state ("torch") and CUDA ones ("cuda.<i>")
     state.json             everything else: optimizer param_groups and scalar state, scheduler state,
@@ -39,7 +41,7 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, trainer_state=None,
-                    *, save_rng: bool = True) -> Path:
+                    *, save_rng: bool = True, trainable_only: bool = False) -> Path:
     """Write a checkpoint folder at `path` atomically, replacing any previous one.
 
     Args:
@@ -48,6 +50,8 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, trai
         optimizer, scheduler: optional; optimizer tensors go to safetensors, the rest to JSON.
         trainer_state: optional JSON-serialisable dict (step, epoch, history...), stored as is.
         save_rng: also store the torch, CUDA, NumPy and Python RNG states (needed for exact resume).
+        trainable_only: store only the parameters with requires_grad (and buffers). Loading then fills
+            just those, so the model must be rebuilt with the same frozen weights first (the pretrained ones).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +59,9 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, trai
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()
     try:
-        state = {"format": FORMAT, "version": VERSION, "trainer": trainer_state or {}, "files": {}}
-        tensors, aliases = _dedupe_shared(model.state_dict())
+        state = {"format": FORMAT, "version": VERSION, "trainer": trainer_state or {}, "files": {},
+                 "trainable_only": trainable_only}
+        tensors, aliases = _dedupe_shared(_state_dict(model, trainable_only))
         state["files"][MODEL_FILE] = _write_tensors(tmp / MODEL_FILE, tensors, {"format": "pt", **aliases})
         if optimizer is not None:
             tensors, state["optimizer"] = _split_optimizer_state(optimizer.state_dict())
@@ -85,7 +90,7 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, schedu
     path = _recover(Path(path), clean=False)
     state = _read_state(path)
     if model is not None:
-        _load_weights(model, path / MODEL_FILE)
+        _load_weights(model, path / MODEL_FILE, state.get("trainable_only", False))
     if optimizer is not None:
         if OPTIMIZER_FILE not in state["files"]:
             raise CheckpointError(f"{path} holds no optimizer state (it is a weights-only checkpoint)")
@@ -114,21 +119,32 @@ def load_model_weights(model: nn.Module, path) -> nn.Module:
     path = Path(path)
     if path.is_dir() or not path.name.endswith(".safetensors"):
         path = _recover(path, clean=False) / MODEL_FILE
-    state_file = path.parent / STATE_FILE
+    state_file, trainable_only = path.parent / STATE_FILE, False
     if state_file.is_file():
-        expected = _read_json(state_file).get("files", {}).get(path.name)
+        state = _read_json(state_file)
+        expected = state.get("files", {}).get(path.name)
         if expected is not None:
             _verify_file(path, expected)
-    _load_weights(model, path)
+        trainable_only = state.get("trainable_only", False)
+    _load_weights(model, path, trainable_only)
     return model
 
 
-def _load_weights(model: nn.Module, file: Path) -> None:
+def _state_dict(model: nn.Module, trainable_only: bool) -> dict:
+    """The model's state_dict, or only its trainable parameters and its buffers."""
+    tensors = model.state_dict()
+    if not trainable_only:
+        return tensors
+    parameters = dict(model.named_parameters(remove_duplicate=False))  # tied aliases too
+    return {k: v for k, v in tensors.items() if k not in parameters or parameters[k].requires_grad}
+
+
+def _load_weights(model: nn.Module, file: Path, trainable_only: bool = False) -> None:
     tensors, metadata = _read_tensors(file)
     for alias, kept in metadata.items():  # tied weights were stored once
         if alias not in tensors and kept in tensors:
             tensors[alias] = tensors[kept]
-    expected = model.state_dict()
+    expected = _state_dict(model, trainable_only)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(expected[key].shape)}"
@@ -137,8 +153,9 @@ def _load_weights(model: nn.Module, file: Path) -> None:
         problems = [f"{label} ({len(keys)}): {_shorten(keys)}" for label, keys in
                     (("missing keys", missing), ("unexpected keys", unexpected),
                      ("shape mismatches", mismatched)) if keys]
-        raise CheckpointError(f"{file} does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(tensors)
+        what = "the trainable parameters of " if trainable_only else ""
+        raise CheckpointError(f"{file} does not fit {what}{type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(tensors, strict=not trainable_only)
 
 
 def _read_state(path: Path) -> dict:

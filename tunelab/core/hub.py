@@ -10,6 +10,7 @@ is refused) and tokenizer.json. Tokenization uses the model's own tokenizer.json
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import safetensors.torch
 import tokenizers
 from safetensors import SafetensorError
-from torch import nn
+from torch import Tensor, nn
 
 from tunelab.core.bert import (
     BertConfig,
@@ -148,20 +149,13 @@ def load_pretrained(name_or_path: str | Path, task: str = "base", num_labels: in
     config_file, weights_file = folder / "config.json", folder / "model.safetensors"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    if not weights_file.is_file():
-        pickled = [p.name for p in folder.glob("*.bin")]
-        hint = f" (found {pickled}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"{folder} has no model.safetensors{hint}")
+    state = read_safetensors(weights_file)
     config = BertConfig.from_hf_dict(json.loads(config_file.read_text()))
     if num_labels is not None:
         overrides["num_labels"] = num_labels
     if overrides:
         config = BertConfig(**{**vars(config), **overrides})
     model = TASKS[task](config)
-    try:
-        state = safetensors.torch.load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_file} is not a readable safetensors file ({error})") from error
     heads = {"base": ("pooler.",), "classification": ("classifier.", "bert.pooler."),
              "mlm": ("transform", "decoder_bias")}[task]
     load_hf_state_dict(model, state, allow_missing=heads)
@@ -178,19 +172,27 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: WordPieceTo
     if type(model) not in ARCHITECTURES:
         raise TypeError(f"save_pretrained handles {sorted(c.__name__ for c in ARCHITECTURES)}, "
                         f"got {type(model).__name__}")
+    with atomic_folder(folder) as tmp:
+        config = model.config.to_hf_dict(ARCHITECTURES[type(model)])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_safetensors(tmp / "model.safetensors", tunelab_to_hf_state_dict(model))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(folder)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path):
+    """Yield a hidden sibling folder to write into; on success its files move into `folder`, all at once
+    for a new folder, file by file (each an atomic rename) for an existing one, whose other files stay.
+    On an error the partial files are deleted and `folder` is untouched."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()
     try:
-        config = model.config.to_hf_dict(ARCHITECTURES[type(model)])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tunelab_to_hf_state_dict(model).items()}
-        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", 0o644)  # save_file creates it owner-only; a model folder is for sharing
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if folder.exists():  # keep whatever else the folder holds (a run's logs), replace our files
+        yield tmp
+        if folder.exists():
             for item in tmp.iterdir():
                 os.replace(item, folder / item.name)
             tmp.rmdir()
@@ -199,4 +201,24 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: WordPieceTo
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return folder
+
+
+def write_safetensors(file: Path, tensors: dict[str, Tensor]) -> None:
+    """safetensors file of contiguous CPU tensors, readable by everyone (save_file makes it owner-only)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    safetensors.torch.save_file(tensors, str(file), metadata={"format": "pt"})
+    os.chmod(file, 0o644)
+
+
+def read_safetensors(file: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file. Pickles next to it (*.bin) are named and never loaded; a corrupt
+    file is a ValueError naming it."""
+    file = Path(file)
+    if not file.is_file():
+        pickled = [p.name for p in file.parent.glob("*.bin")]
+        hint = f" (found {pickled}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{file.parent} has no {file.name}{hint}")
+    try:
+        return safetensors.torch.load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{file} is not a readable safetensors file ({error})") from error

@@ -96,13 +96,15 @@ class EncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        """x: (B, T, C); attention_mask: (B, T) 1 = real, 0 = padding, or None. Returns (B, T, C)."""
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False,
+                kv_prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x: (B, T, C); attention_mask: (B, T) 1 = real, 0 = padding, or None; kv_prefix: extra (keys,
+        values) for the attention, each (B, H, P, D) (see `MultiHeadAttention`). Returns (B, T, C)."""
         if self.norm_first:
-            x = x + self.dropout1(self.attn(self.norm1(x), attention_mask, causal))  # (B, T, C)
+            x = x + self.dropout1(self.attn(self.norm1(x), attention_mask, causal, kv_prefix))  # (B, T, C)
             x = x + self.dropout2(self.ff(self.norm2(x)))  # (B, T, C)
         else:
-            x = self.norm1(x + self.dropout1(self.attn(x, attention_mask, causal)))  # (B, T, C)
+            x = self.norm1(x + self.dropout1(self.attn(x, attention_mask, causal, kv_prefix)))  # (B, T, C)
             x = self.norm2(x + self.dropout2(self.ff(x)))  # (B, T, C)
         return x
 

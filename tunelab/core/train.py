@@ -308,15 +308,17 @@ class _Run:
         return p.stopped_early
 
     def save(self, name: str, with_optimizer: bool = True) -> None:
-        """checkpoints/last holds everything needed to resume; checkpoints/best only the weights."""
+        """checkpoints/last holds everything needed to resume; checkpoints/best only the weights. When part
+        of the model is frozen (LoRA, adapters, ...), the weights saved are the trainable ones only."""
         if self.out_dir is None:
             return
         self.progress.elapsed = time.perf_counter() - self.started
         trainer_state = {"progress": asdict(self.progress), "data": self.data_shape,
                          "config": self.config.to_dict()}
         optimizer, scheduler = (self.optimizer, self.scheduler) if with_optimizer else (None, None)
+        frozen = any(not p.requires_grad for p in self.model.parameters())
         save_checkpoint(self.out_dir / "checkpoints" / name, self.model, optimizer, scheduler, trainer_state,
-                        save_rng=with_optimizer)
+                        save_rng=with_optimizer, trainable_only=frozen)
 
 
 def _resolve_device(device) -> torch.device:

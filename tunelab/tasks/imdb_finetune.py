@@ -1,13 +1,14 @@
 """Fine-tune a pretrained BERT-family encoder (MiniLM, or any local BERT folder) on IMDB, end to end.
 
 load the model and its tokenizer -> carve a validation split from train -> tokenize once with the
-model's own WordPiece tokenizer -> [CLS] head+tail-truncated review [SEP] -> train all weights
-(`method="full"`) with length-bucketed batches -> pick the best evaluation on validation -> test accuracy.
-The run folder is both a TuneLab run and a Hugging Face model folder:
+model's own WordPiece tokenizer -> [CLS] head+tail-truncated review [SEP] -> apply the method (all weights,
+LoRA, adapters, soft prompts ...: tunelab.tasks.methods) -> train with length-bucketed batches -> pick the
+best evaluation on validation -> test accuracy. The run folder:
 
-    RUN_DIR/config.json, model.safetensors, tokenizer.json   the best weights; transformers'
-                                      AutoModelForSequenceClassification.from_pretrained(RUN_DIR) loads them
-    RUN_DIR/run.json                  {"task": "imdb-finetune", data, model, method, train settings}
+    RUN_DIR/config.json, model.safetensors   full fine-tuning (or a merged LoRA): the best weights, which
+                                      transformers' AutoModelForSequenceClassification.from_pretrained(RUN_DIR) loads
+    RUN_DIR/adapter/                  PEFT methods: only what was trained (peft's layout where peft has the method)
+    RUN_DIR/tokenizer.json, run.json  {"task": "imdb-finetune", data, model, method, method_options, train settings}
     RUN_DIR/metrics.jsonl, curves.png, checkpoints/{best,last}/, results.json
 """
 
@@ -25,11 +26,13 @@ from tunelab.core.collate import ClassificationCollator, LengthBucketSampler, tr
 from tunelab.core.data import load_imdb, train_validation_split
 from tunelab.core.hub import WordPieceTokenizer, load_pretrained, save_pretrained
 from tunelab.core.train import TrainConfig, evaluate, train_model
+from tunelab.peft.selective import count_parameters
 from tunelab.tasks.imdb_classification import known_settings
+from tunelab.tasks.methods import (DEFAULT_LR, METHODS, adapter_bytes, apply_method, merge_method, method_config,
+                                   rebuild_method, save_method)
 
 TASK = "imdb-finetune"
 LABELS = ("negative", "positive")
-METHODS = ("full",)
 # The setting of `tunelab finetune imdb` and benchmarks/imdb_finetune.py: BERT's fine-tuning recipe
 # (Devlin et al. 2019, appendix A.3: batch 16-32, lr 2e-5..5e-5, 2-4 epochs, linear decay after warm-up).
 DEFAULT_TRAIN = dict(epochs=2, batch_size=16, lr=5e-5, weight_decay=0.01, warmup=0.06, schedule="linear",
@@ -60,10 +63,13 @@ class FinetuneData:
 
 @dataclass
 class FinetuneRunConfig:
-    """A fine-tuning job: the pretrained model, the method, the data, BertConfig overrides, training."""
+    """A fine-tuning job: the pretrained model, the method and its options, the data, BertConfig overrides,
+    training. `merge` folds a LoRA/DoRA update into the weights and saves a full model folder."""
 
     model: str = "minilm"
     method: str = "full"
+    method_options: dict = field(default_factory=dict)  # e.g. {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+    merge: bool = False
     data: FinetuneData = field(default_factory=FinetuneData)
     model_overrides: dict = field(default_factory=dict)  # e.g. {"hidden_dropout_prob": 0.2}
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEFAULT_TRAIN))
@@ -71,9 +77,13 @@ class FinetuneRunConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown fine-tuning method {self.method!r}; available: {list(METHODS)}")
+        method_config(self.method, self.method_options)  # unknown or bad options fail here, before any work
+        if self.merge and self.method not in ("lora", "dora"):
+            raise ValueError(f"merge folds a LoRA/DoRA update into the weights; method {self.method!r} has none")
 
     def to_dict(self) -> dict:
-        return {"task": TASK, "model": str(self.model), "method": self.method, "data": asdict(self.data),
+        return {"task": TASK, "model": str(self.model), "method": self.method,
+                "method_options": dict(self.method_options), "merge": self.merge, "data": asdict(self.data),
                 "model_overrides": dict(self.model_overrides), "train": self.train.to_dict()}
 
     @classmethod
@@ -83,8 +93,10 @@ class FinetuneRunConfig:
         data = known_settings(FinetuneData, values.get("data", {}), "data")
         train = known_settings(TrainConfig, values.get("train", {}), "train")
         return cls(model=values.get("model", "minilm"), method=values.get("method", "full"),
+                   method_options=dict(values.get("method_options", {})), merge=bool(values.get("merge", False)),
                    data=FinetuneData(**data), model_overrides=dict(values.get("model_overrides", {})),
-                   train=TrainConfig(**{**DEFAULT_TRAIN, **train}))
+                   train=TrainConfig(**{**DEFAULT_TRAIN, "lr": DEFAULT_LR.get(values.get("method", "full"), 5e-5),
+                                        **train}))
 
 
 def encode_reviews(tokenizer: WordPieceTokenizer, texts, max_length: int, truncation: str) -> list[list[int]]:
@@ -130,23 +142,32 @@ def run_imdb_finetune(config: FinetuneRunConfig, out_dir: str | Path) -> dict:
     record["train"]["out_dir"] = str(out_dir)
     (out_dir / "run.json").write_text(json.dumps(record, indent=2))
     train_config = TrainConfig(**{**asdict(config.train), "out_dir": out_dir})
-    result = train_model(model, train_examples, val_examples, collate_fn=collate, config=train_config,
+    trained = apply_method(model, config.method, config.method_options, tokenizer)  # what train_model sees
+    counts = count_parameters(trained)
+    result = train_model(trained, train_examples, val_examples, collate_fn=collate, config=train_config,
                          batch_sampler=sampler)
     # Wall time of training and validation, earlier invocations of a resumed run included.
     train_seconds = result.history[-1]["time"] if result.history else time.time() - start
     if (out_dir / "checkpoints" / "best").exists():
-        load_model_weights(model, out_dir / "checkpoints" / "best")
-    save_pretrained(model, out_dir, tokenizer)  # the best weights, loadable by transformers
+        load_model_weights(trained, out_dir / "checkpoints" / "best")
+    saved_bytes = None
+    if config.method == "full" or config.merge:
+        if config.merge:
+            trained = merge_method(trained, config.method)
+        save_pretrained(trained, out_dir, tokenizer)  # the best weights, loadable by transformers
+    else:
+        saved_bytes = adapter_bytes(save_method(trained, config.method, config.method_options, out_dir / "adapter"))
+        tokenizer.save(out_dir)
 
     test_examples = labelled(tokenizer, load_imdb("test", data.data_dir, limit=data.test_limit, seed=data.seed), data)
-    test = evaluate(model, test_examples, collate_fn=collate, batch_size=train_config.eval_batch_size or 64,
+    test = evaluate(trained, test_examples, collate_fn=collate, batch_size=train_config.eval_batch_size or 64,
                     device=train_config.device, progress=train_config.progress)
     results = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": test["n"],
         "best_validation": result.best_metric, "best_step": result.best_step, "steps": result.steps,
         "train_examples": len(train_examples), "validation_examples": len(val_examples),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": counts.total, "trainable_parameters": counts.trainable,
+        "trainable_percent": counts.percent, "adapter_bytes": saved_bytes,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
         "completed": result.completed,
     }
@@ -169,12 +190,21 @@ class FinetuneRun:
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> FinetuneRun:
-    """The model a run saved (its Hugging Face folder), with the run's tokenizer and data settings."""
+    """The model a run saved (its Hugging Face folder, or the pretrained model with the run's adapter), with the
+    run's tokenizer and data settings."""
     run_dir = Path(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
-    data = FinetuneData(**record["data"])
-    if not (run_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run did not finish training")
-    model, tokenizer = load_pretrained(run_dir, task="classification")
+    config = FinetuneRunConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
+    if config.method == "full" or config.merge:
+        if not (run_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run did not finish training")
+        model, tokenizer = load_pretrained(run_dir, task="classification")
+    else:
+        if not (run_dir / "adapter").is_dir():
+            raise FileNotFoundError(f"{run_dir} has no adapter/ folder: the run did not finish training")
+        torch.manual_seed(config.train.seed)  # a head the pretrained folder lacks starts as it did in the run
+        base, base_tokenizer = load_pretrained(config.model, task="classification", num_labels=2,
+                                               **config.model_overrides)
+        model = rebuild_method(base, config.method, config.method_options, run_dir / "adapter", base_tokenizer)
+        tokenizer = WordPieceTokenizer.from_file(run_dir / "tokenizer.json")
     model.to(device or "cpu").eval()
-    return FinetuneRun(model, tokenizer, data, make_collator(tokenizer, data))
+    return FinetuneRun(model, tokenizer, config.data, make_collator(tokenizer, config.data))

@@ -1,0 +1,138 @@
+"""Benchmark: every fine-tuning method on IMDB from MiniLM with the same budget (issue 4).
+
+Each method trains with `tunelab finetune imdb --model minilm --method METHOD` defaults: the 25,000 training
+reviews minus a 10% validation split, at most 256 tokens (head+tail), at most 2 epochs, batch 16, the
+method's default options and learning rate (tunelab.tasks.methods), then all 25,000 test reviews. Each
+method runs in its own subprocess, so that its peak memory is its own, and in its own folder under --out,
+so that an interrupted method continues with --resume. Per method one row goes to RESULTS.md:
+test accuracy | trainable parameters (count and %), seconds per training step, peak memory, adapter size.
+With every method done, the table and the figure (accuracy against trainable parameters, log x-axis)
+are written to benchmarks/figures/imdb_peft.{md,png}.
+Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 points of full fine-tuning.
+
+    python benchmarks/imdb_peft.py --methods lora              # one method (about 1.5 h on 2 CPU cores)
+    python benchmarks/imdb_peft.py --resume                    # every method, continuing interrupted ones
+    python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-append   # a quick look
+    python benchmarks/imdb_peft.py --summary                   # table + figure from the finished methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from _common import append_row, peak_rss_bytes
+from tunelab.tasks.methods import METHODS
+
+FIGURES = Path(__file__).resolve().parent / "figures"
+
+
+def child(method: str, out: Path, args) -> dict:
+    from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
+
+    train = {"out_dir": str(out), "resume": args.resume, "progress": not args.quiet}
+    if args.epochs:
+        train["epochs"] = args.epochs
+    config = FinetuneRunConfig.from_dict({"model": "minilm", "method": method, "train": train,
+                                          "data": {"limit": args.limit, "test_limit": args.test_limit}})
+    results = run_imdb_finetune(config, out)
+    results["peak_memory_bytes"] = peak_rss_bytes()
+    results["setting"] = (f"{config.data.max_length} tok {config.data.truncation}, {config.train.epochs} ep, "
+                          f"batch {config.train.batch_size}, lr {config.train.lr:g}, options {config.method_options}")
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def summary(out_root: Path) -> None:
+    """Markdown table and figure of every finished method in `out_root`."""
+    rows = {}
+    for method in METHODS:
+        file = out_root / method / "benchmark.json"
+        if file.is_file():
+            rows[method] = json.loads(file.read_text())
+    if not rows:
+        print(f"no finished method under {out_root}")
+        return
+    lines = ["| method | test accuracy | trainable parameters | trainable % | s / step | peak memory | saved |",
+             "|---|---|---|---|---|---|---|"]
+    for method, r in rows.items():
+        saved = r["adapter_bytes"] if r["adapter_bytes"] is not None else 4 * r["parameters"]
+        lines.append(f"| {method} | {r['test_accuracy']:.2%} | {r['trainable_parameters']:,} | "
+                     f"{r['trainable_percent']:.3f}% | {r['train_seconds'] / max(r['steps'], 1):.2f} | "
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {saved / 2**20:.2f} MiB |")
+    FIGURES.mkdir(exist_ok=True)
+    (FIGURES / "imdb_peft.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for method, r in rows.items():
+        axes.scatter(r["trainable_parameters"], 100 * r["test_accuracy"], s=30)
+        axes.annotate(method, (r["trainable_parameters"], 100 * r["test_accuracy"]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=8)
+    axes.set(xscale="log", xlabel="trainable parameters (log scale)", ylabel="IMDB test accuracy (%)",
+             title="MiniLM on IMDB: accuracy against trainable parameters")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(FIGURES / "imdb_peft.png", dpi=100)
+    print(f"wrote {FIGURES / 'imdb_peft.md'} and {FIGURES / 'imdb_peft.png'}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, default: all")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/imdb_peft"))
+    parser.add_argument("--limit", type=int, help="train subset (quick look; not appended)")
+    parser.add_argument("--test-limit", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted methods from their checkpoints")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--summary", action="store_true", help="only write the table and figure")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args.child, args.out / args.child, args)))
+        return
+    if args.summary:
+        summary(args.out)
+        return
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; available: {list(METHODS)}")
+    quick = args.limit is not None or args.test_limit is not None
+    for method in methods:
+        command = [sys.executable, __file__, "--child", method, "--out", str(args.out)]
+        for flag in ("limit", "test_limit", "epochs", "threads"):
+            if getattr(args, flag) is not None:
+                command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        command += ["--resume"] * args.resume + ["--quiet"] * args.quiet
+        subprocess.run(command, check=True)
+        r = json.loads((args.out / method / "benchmark.json").read_text())
+        print(f"{method}: test accuracy {r['test_accuracy']:.2%} on {r['test_examples']} reviews")
+        if not quick and not args.no_append:
+            saved = r["adapter_bytes"] if r["adapter_bytes"] is not None else 4 * r["parameters"]
+            append_row("imdb_peft", method, f"{r['test_accuracy']:.2%}",
+                       f"trainable {r['trainable_parameters']:,} ({r['trainable_percent']:.3f}%), "
+                       f"{r['train_seconds'] / max(r['steps'], 1):.2f} s/step (validation included), peak memory "
+                       f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB, saved {saved / 2**20:.2f} MiB; minilm, "
+                       f"{r['setting']}, best val {r['best_validation']:.2%}")
+    if not quick:
+        summary(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Bottleneck adapters: a small trained MLP with a residual, inserted into every frozen encoder layer.
+
+Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP" (https://arxiv.org/abs/1902.00751):
+
+    adapter(h) = h + W_up act(W_down h + b_down) + b_up,   W_down: (m, C), W_up: (C, m), m = C // reduction_factor
+
+placed on the output of each sublayer, before the residual add and LayerNorm (Houlsby, fig. 2):
+
+    x = LN(x + adapter(dropout(Attn(x))));   x = LN(x + adapter(dropout(FFN(x))))
+
+Pfeiffer et al. 2020, "AdapterFusion" (https://arxiv.org/abs/2005.00247) keep only the second one, after
+the feed-forward block: half the adapter parameters. W_up starts at zero, so before training every
+adapter is the identity and the model computes exactly its pretrained function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from torch import Tensor, nn
+
+from tunelab.core.layers import ACTIVATIONS, EncoderLayer
+from tunelab.peft.selective import find_modules, freeze, unfreeze_modules
+
+STYLES = ("houlsby", "pfeiffer")
+
+
+@dataclass
+class AdapterConfig:
+    """Where and how large the bottleneck adapters are.
+
+    Args:
+        style: "houlsby" (after attention and after the feed-forward, Houlsby et al. 2019) or "pfeiffer"
+            (after the feed-forward only, Pfeiffer et al. 2020).
+        reduction_factor: C / m, the model width over the bottleneck width (16: 768 -> 48 for BERT-base).
+        activation: the nonlinearity between the projections, one of tunelab.core.layers.ACTIVATIONS.
+        modules_to_save: modules trained in full beside the adapters, by name suffix (the new head).
+    """
+
+    style: str = "houlsby"
+    reduction_factor: int = 16
+    activation: str = "relu"
+    modules_to_save: tuple[str, ...] = ("classifier",)
+
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"unknown adapter style {self.style!r}; expected one of {list(STYLES)}")
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) \
+                or self.reduction_factor < 1:
+            raise ValueError(f"reduction_factor must be a positive int, got {self.reduction_factor!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if isinstance(self.modules_to_save, str):
+            raise ValueError(f"modules_to_save must be a list of module names, got the string {self.modules_to_save!r}")
+        self.modules_to_save = tuple(self.modules_to_save)
+
+
+class BottleneckAdapter(nn.Module):
+    """h + up(act(down(h))): project the width C down to m, apply the nonlinearity, project back up.
+
+    `up` is initialised to zero (weight and bias), so the adapter starts as the exact identity and the
+    first optimizer steps move the model away from its pretrained function only as far as the loss asks.
+    `down` keeps nn.Linear's default initialisation: it must not be zero too, or no gradient would reach `up`.
+
+    Args:
+        d_model: width C of the hidden states. bottleneck: m, 1 <= m <= C.
+        activation: one of tunelab.core.layers.ACTIVATIONS.
+    """
+
+    def __init__(self, d_model: int, bottleneck: int, activation: str = "relu"):
+        super().__init__()
+        if not 1 <= bottleneck <= d_model:
+            raise ValueError(f"bottleneck must be between 1 and the width {d_model}, got {bottleneck}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        self.activation_name = activation
+        self.activation = ACTIVATIONS[activation]
+        self.down = nn.Linear(d_model, bottleneck)
+        self.up = nn.Linear(bottleneck, d_model)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (B, T, C) -> (B, T, C)."""
+        return h + self.up(self.activation(self.down(h)))  # (B, T, m) inside, (B, T, C) out
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation_name!r}"
+
+
+class WithAdapter(nn.Module):
+    """Runs `module` then `adapter` on its output. Takes the place of an EncoderLayer's residual-branch
+    dropout (`dropout1` after attention, `dropout2` after the feed-forward), which is exactly where the
+    adapter goes: `EncoderLayer.forward` then computes norm(x + adapter(dropout(sublayer(x)))) unchanged."""
+
+    def __init__(self, module: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.module = module
+        self.adapter = adapter
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        return self.adapter(self.module(x))  # (B, T, C)
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **overrides) -> nn.Module:
+    """Freeze `model`, add bottleneck adapters to each of its `EncoderLayer`s, train them and the head.
+
+    Placement: the adapter wraps the layer's residual-branch dropout (see `WithAdapter`), not a copy of
+    EncoderLayer, so the layer's own forward runs as written and the adapter sees dropout(sublayer(x)),
+    as in Houlsby et al.'s figure 2. Wrapping `attn.out_proj` / `ff.linear2` instead would put the adapter
+    before that dropout. The same place serves pre-norm layers (x + adapter(dropout(sublayer(LN(x))))).
+
+    The modules in `config.modules_to_save` (the classification head) train in place rather than as a
+    per-adapter copy (tunelab.peft.inject.ModulesToSave): a model carries one set of adapters here, so a
+    frozen original of a freshly initialised head would only double its parameters. Houlsby et al. also
+    train every LayerNorm (their figure 2): modules_to_save=("classifier", "norm1", "norm2") does that.
+
+    Args:
+        model: any model built from tunelab.core.layers.EncoderLayer (BERT, MiniLM, TransformerClassifier).
+        config: an `AdapterConfig`; keyword `overrides` replace its fields (apply_adapters(m, style="pfeiffer")).
+
+    Returns:
+        The same model, changed in place.
+    """
+    config = _with_overrides(config or AdapterConfig(), overrides)
+    layers = [m for m in model.modules() if isinstance(m, EncoderLayer)]
+    if not layers:
+        raise ValueError(f"apply_adapters found no EncoderLayer in {type(model).__name__}; adapters go into "
+                         "the layers of tunelab.core.layers")
+    if any(isinstance(m, WithAdapter) for m in model.modules()):
+        raise ValueError("this model already has adapters; apply_adapters cannot be applied twice")
+    width = min(layer.ff.linear2.out_features for layer in layers)
+    if config.reduction_factor > width:
+        raise ValueError(f"reduction_factor {config.reduction_factor} is larger than the width {width}: "
+                         f"the bottleneck would have {width // config.reduction_factor} units")
+    find_modules(model, config.modules_to_save)  # a misspelt name raises before the model is touched
+    places = ("dropout1", "dropout2") if config.style == "houlsby" else ("dropout2",)
+    freeze(model)
+    for layer in layers:
+        width = layer.ff.linear2.out_features
+        for place in places:
+            adapter = BottleneckAdapter(width, width // config.reduction_factor, config.activation)
+            adapter.to(device=layer.ff.linear2.weight.device, dtype=layer.ff.linear2.weight.dtype)
+            setattr(layer, place, WithAdapter(getattr(layer, place), adapter))  # new parameters: trainable
+    unfreeze_modules(model, config.modules_to_save)
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: parameter} of every adapter in `model` (what an adapter checkpoint holds besides the head)."""
+    return {f"{name}.{leaf}": p for name, module in model.named_modules() if isinstance(module, BottleneckAdapter)
+            for leaf, p in module.named_parameters()}
+
+
+def _with_overrides(config: AdapterConfig, overrides: dict) -> AdapterConfig:
+    known = [f.name for f in fields(AdapterConfig)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"unknown AdapterConfig fields {unknown}; known fields are {known}")
+    return replace(config, **overrides)
