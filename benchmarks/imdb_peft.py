@@ -7,11 +7,12 @@ method runs in its own subprocess, so that its peak memory is its own, and in it
 so that an interrupted method continues with --resume. Per method one row goes to RESULTS.md:
 test accuracy | trainable parameters (count and %), seconds per training step, peak memory, adapter size.
 With every method done, the table and the figure (accuracy against trainable parameters, log x-axis)
-are written to benchmarks/figures/imdb_peft.{md,png}.
+are written to benchmarks/figures/imdb_peft.{md,png}. Full fine-tuning is the same setting as
+benchmarks/imdb_finetune.py; the summary takes its run from there unless `--methods full` ran here.
 Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 points of full fine-tuning.
 
     python benchmarks/imdb_peft.py --methods lora              # one method (about 1.5 h on 2 CPU cores)
-    python benchmarks/imdb_peft.py --resume                    # every method, continuing interrupted ones
+    python benchmarks/imdb_peft.py --resume                    # every PEFT method, continuing interrupted ones
     python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-append   # a quick look
     python benchmarks/imdb_peft.py --summary                   # table + figure from the finished methods
 """
@@ -48,6 +49,10 @@ def child(method: str, out: Path, args) -> dict:
     return results
 
 
+def memory(r: dict) -> str:
+    return "n/a" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"
+
+
 def summary(out_root: Path) -> None:
     """Markdown table and figure of every finished method in `out_root`."""
     rows = {}
@@ -55,16 +60,20 @@ def summary(out_root: Path) -> None:
         file = out_root / method / "benchmark.json"
         if file.is_file():
             rows[method] = json.loads(file.read_text())
+    finetune = Path("benchmarks/out/imdb_finetune/results.json")  # full fine-tuning, run by imdb_finetune.py
+    if "full" not in rows and finetune.is_file():
+        rows = {"full": {**json.loads(finetune.read_text()), "peak_memory_bytes": None}, **rows}
     if not rows:
         print(f"no finished method under {out_root}")
         return
     lines = ["| method | test accuracy | trainable parameters | trainable % | s / step | peak memory | saved |",
              "|---|---|---|---|---|---|---|"]
     for method, r in rows.items():
-        saved = r["adapter_bytes"] if r["adapter_bytes"] is not None else 4 * r["parameters"]
+        saved = r.get("adapter_bytes") or 4 * r["parameters"]  # fp32 model file for full fine-tuning
+        percent = 100 * r["trainable_parameters"] / r["parameters"]
         lines.append(f"| {method} | {r['test_accuracy']:.2%} | {r['trainable_parameters']:,} | "
-                     f"{r['trainable_percent']:.3f}% | {r['train_seconds'] / max(r['steps'], 1):.2f} | "
-                     f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {saved / 2**20:.2f} MiB |")
+                     f"{percent:.3f}% | {r['train_seconds'] / max(r['steps'], 1):.2f} | "
+                     f"{memory(r)} | {saved / 2**20:.2f} MiB |")
     FIGURES.mkdir(exist_ok=True)
     (FIGURES / "imdb_peft.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -89,7 +98,8 @@ def summary(out_root: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, default: all")
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "full"),
+                        help="comma-separated; default: every method but full (see benchmarks/imdb_finetune.py)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/imdb_peft"))
     parser.add_argument("--limit", type=int, help="train subset (quick look; not appended)")
     parser.add_argument("--test-limit", type=int)
