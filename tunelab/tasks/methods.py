@@ -36,10 +36,12 @@ OTHER_OPTIONS = {"full": (), "bitfit": (), "last-layers": ("layers",)}
 MERGEABLE = ("lora", "dora")
 # Peak learning rates when none is given. Methods that train few parameters from a zero or identity start
 # want larger steps than full fine-tuning's 5e-5 (Devlin et al. 2019): LoRA 4e-4..5e-4 on RoBERTa-base GLUE
-# (Hu et al. 2021, table 9); adapters 1e-4..1e-3 (Houlsby et al. 2019); BitFit 1e-4..1e-3 (Ben Zaken et al.
-# 2021); IA3 3e-3 (Liu et al. 2022); prompt tuning 0.3 with Adafactor (Lester et al. 2021), about 3e-2 with
-# AdamW on small models; prefix tuning 5e-5..8e-5 with its MLP (Li & Liang 2021), 1e-2 without one.
-DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "dora": 5e-4, "adapter-houlsby": 1e-3, "adapter-pfeiffer": 1e-3,
+# over 30-80 epochs (Hu et al. 2021, table 9), doubled here for a 2-epoch budget (one epoch on 2,000 IMDB
+# reviews: 5e-4 reached 70.5%, 2e-3 82.8%, full fine-tuning 82.9%); adapters 1e-4..1e-3 (Houlsby et al.
+# 2019); BitFit 1e-4..1e-3 (Ben Zaken et al. 2021); IA3 3e-3 (Liu et al. 2022); prompt tuning 0.3 with
+# Adafactor (Lester et al. 2021), about 3e-2 with AdamW on small models; prefix tuning 5e-5..8e-5 with its
+# MLP (Li & Liang 2021), 1e-2 without one.
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "adapter-houlsby": 1e-3, "adapter-pfeiffer": 1e-3,
               "prompt": 3e-2, "prefix": 1e-2, "ia3": 3e-3, "bitfit": 1e-3, "last-layers": 1e-4}
 OURS = "TUNELAB"  # peft_type of the adapter folders of methods peft does not have
 
