@@ -190,3 +190,28 @@ def test_attention_dropout_keeps_the_expected_output_on_both_paths():
         draws = torch.stack([attn(x) for _ in range(4000)])
         assert not torch.allclose(draws[0], expected)
         assert (draws.mean(0) - expected).abs().max() < 0.02, impl
+
+
+@pytest.mark.parametrize("bias_kind", ["padding", "causal", "none"])
+def test_cpu_dropout_attention_in_blocks_equals_one_pass_over_the_batch(monkeypatch, bias_kind):
+    """The fused CPU path with dropout runs a few sequences at a time; with the same seed it computes the
+    whole-batch result bit for bit (each block draws the next words of the same random stream: here a
+    block holds a multiple of 4 scores), gradients included, whatever the shape of the bias."""
+    import tunelab.core.attention as attention
+
+    q, k, v = (torch.randn(5, H, T + 1, 4, requires_grad=True) for _ in range(3))
+    mask = torch.ones(5, T + 1, dtype=torch.long)
+    mask[1, 4:] = 0
+    bias = {"padding": make_attention_bias(mask, False, T + 1, torch.float32),  # (5, 1, 1, T+1)
+            "causal": make_attention_bias(None, True, T + 1, torch.float32),  # (1, 1, T+1, T+1)
+            "none": None}[bias_kind]
+    results = []
+    for block_bytes in (2**40, 2 * H * (T + 1) ** 2 * 4):  # everything at once; blocks of 2 sequences
+        monkeypatch.setattr(attention, "CPU_BLOCK_BYTES", block_bytes)
+        torch.manual_seed(1)
+        y = scaled_dot_product_attention(q, k, v, bias, dropout_p=0.2, impl="fused")  # (5, H, T+1, 4)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (q, k, v))))
+    for whole, blocked in zip(*results):
+        assert torch.equal(whole, blocked)
+    torch.manual_seed(2)
+    assert not torch.equal(scaled_dot_product_attention(q, k, v, bias, dropout_p=0.2), results[1][0])  # dropout acts

@@ -157,6 +157,13 @@ class MultiHeadAttention(nn.Module):
         return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}, impl={self.impl!r}"
 
 
+# On a CPU with dropout, attention runs a few sequences at a time so that each (H, Tq, Tk) block of scores
+# (3 MiB for MiniLM at T=256) stays in cache through its five elementwise passes (bias, softmax, dropout and
+# their backward): 25% less attention time than one pass over the whole (B, H, Tq, Tk) tensor
+# (benchmarks/peft_speed.py).
+CPU_BLOCK_BYTES = 8 * 2**20
+
+
 def scaled_dot_product_attention(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0, impl: str = "fused"
 ) -> Tensor:
@@ -164,7 +171,8 @@ def scaled_dot_product_attention(
 
     With attention dropout on a CPU, "fused" takes the explicit path: torch's SDPA has no CPU kernel
     with dropout and falls back to the same math with a float Bernoulli mask, whose generation alone
-    costs ~6x more than `dropout_mask`'s (benchmarks/encoder_speed.py).
+    costs ~6x more than `dropout_mask`'s (benchmarks/encoder_speed.py). It runs in blocks of
+    sequences that fit CPU_BLOCK_BYTES; the explicit impl computes the whole batch at once.
 
     Args:
         q: (B, H, Tq, D) queries. k, v: (B, H, Tk, D) keys and values.
@@ -179,6 +187,19 @@ def scaled_dot_product_attention(
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     if impl == "fused" and (dropout_p == 0.0 or q.device.type != "cpu"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    B, H, Tq, _ = q.shape
+    rows = max(1, CPU_BLOCK_BYTES // (H * Tq * k.shape[2] * q.element_size()))  # sequences per block
+    if impl == "explicit" or rows >= B:
+        return _explicit_attention(q, k, v, bias, dropout_p)
+    # split, not q[i:i + rows]: the backward of a split is one cat, that of each slice a zero-filled (B, H, T, D)
+    biases = [bias] * len(range(0, B, rows)) if bias is None or bias.shape[0] == 1 else bias.split(rows)
+    blocks = [_explicit_attention(*qkv, b, dropout_p) for *qkv, b in zip(q.split(rows), k.split(rows),
+                                                                        v.split(rows), biases)]
+    return torch.cat(blocks)  # (B, H, Tq, D)
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float) -> Tensor:
+    """Eq. 1 written out, with `dropout_mask` dropout on the weights. Shapes as scaled_dot_product_attention."""
     # Scale q (Tq x D numbers) rather than the scores (Tq x Tk), and add the bias in place:
     # a (B, H, T, T) temporary is 128 MiB at B=32, H=4, T=512, and memory traffic dominates.
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
@@ -189,7 +210,8 @@ def scaled_dot_product_attention(
         return weights @ v  # (B, H, Tq, D)
     # Dropout zeroes weights and scales the survivors by 1 / (1 - p). The scale is applied to the
     # (B, H, Tq, D) output instead of the Tk-times larger weights: (w * keep) v / (1-p) = (w * keep / (1-p)) v.
-    weights = weights.masked_fill(dropout_mask(weights.shape, dropout_p, weights.device), 0.0)  # (B, H, Tq, Tk)
+    # torch.where writes the result in one pass (masked_fill copies first), forward and backward.
+    weights = torch.where(dropout_mask(weights.shape, dropout_p, weights.device), 0.0, weights)  # (B, H, Tq, Tk)
     return (weights @ v) * (1.0 / (1.0 - dropout_p))  # (B, H, Tq, D)
 
 
