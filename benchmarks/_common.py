@@ -59,6 +59,11 @@ def append_row(benchmark: str, setting: str, headline: str, figures: str, comman
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
 
 
+def resumable(resume: bool, out_dir: Path) -> bool:
+    """--resume continues a run that has a checkpoint in `out_dir`; a run not started yet starts fresh."""
+    return resume and (Path(out_dir) / "checkpoints" / "last").is_dir()
+
+
 def rss_bytes() -> int:
     """Resident memory of this process now."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _common import append_row
+from _common import append_row, resumable
 from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
 
 
@@ -39,8 +39,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    resume = args.resume and (args.out / "checkpoints" / "last").is_dir()  # nothing to continue: start fresh
-    train = {"out_dir": str(args.out), "resume": resume}
+    train = {"out_dir": str(args.out), "resume": resumable(args.resume, args.out)}
     for key in ("epochs", "lr", "device"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)

@@ -11,7 +11,7 @@ are written to benchmarks/figures/imdb_peft.{md,png}. Full fine-tuning is the sa
 benchmarks/imdb_finetune.py; the summary takes its run from there unless `--methods full` ran here.
 Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 points of full fine-tuning.
 
-    python benchmarks/imdb_peft.py --methods lora              # one method (about 1.5 h on 2 quiet CPU cores, 2.5 h on one)
+    python benchmarks/imdb_peft.py --methods lora              # one method (about 2 h on 2 quiet CPU cores)
     python benchmarks/imdb_peft.py --resume                    # every PEFT method, continuing interrupted ones
     python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-append   # a quick look
     python benchmarks/imdb_peft.py --summary                   # table + figure from the finished methods
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from _common import append_row, peak_rss_bytes
+from _common import append_row, peak_rss_bytes, resumable
 from tunelab.tasks.methods import METHODS
 
 FIGURES = Path(__file__).resolve().parent / "figures"
@@ -36,8 +36,7 @@ FIGURES = Path(__file__).resolve().parent / "figures"
 def child(method: str, out: Path, args) -> dict:
     from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
 
-    resume = args.resume and (out / "checkpoints" / "last").is_dir()  # a method not started yet starts fresh
-    train = {"out_dir": str(out), "resume": resume, "progress": not args.quiet}
+    train = {"out_dir": str(out), "resume": resumable(args.resume, out), "progress": not args.quiet}
     if args.epochs:
         train["epochs"] = args.epochs
     config = FinetuneRunConfig.from_dict({"model": "minilm", "method": method, "train": train,

@@ -9,6 +9,7 @@ The explicit path spells this equation out; the fused path hands the same tensor
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -192,7 +193,7 @@ def scaled_dot_product_attention(
     if impl == "explicit" or rows >= B:
         return _explicit_attention(q, k, v, bias, dropout_p)
     # split, not q[i:i + rows]: the backward of a split is one cat, that of each slice a zero-filled (B, H, T, D)
-    biases = [bias] * len(range(0, B, rows)) if bias is None or bias.shape[0] == 1 else bias.split(rows)
+    biases = itertools.repeat(bias) if bias is None or bias.shape[0] == 1 else bias.split(rows)
     blocks = [_explicit_attention(*qkv, b, dropout_p) for *qkv, b in zip(q.split(rows), k.split(rows),
                                                                         v.split(rows), biases)]
     return torch.cat(blocks)  # (B, H, Tq, D)
