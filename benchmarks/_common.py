@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# One JSON file per finished long run (benchmarks/results/BENCHMARK/LABEL.json), kept in git: runs take hours,
+# often several sessions, and tables and figures are drawn from these files rather than from benchmarks/out.
+RUN_RESULTS = Path(__file__).resolve().parent / "results"
 HEADER = ("| benchmark | setting | headline | further figures | machine | date | command |\n"
           "|---|---|---|---|---|---|---|\n")
 
@@ -51,6 +54,22 @@ def append_row(benchmark: str, setting: str, headline: str, figures: str, comman
     with RESULTS.open("a") as f:
         f.write(row)
     print(row, end="")
+
+
+def save_run(benchmark: str, label: str, results: dict) -> Path:
+    """Keep a finished run's results (with machine, date and command) as benchmarks/results/BENCHMARK/LABEL.json."""
+    file = RUN_RESULTS / benchmark / f"{label}.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    record = {"label": label, **results, "machine": machine(), "date": str(date.today()), "command": command_line()}
+    file.write_text(json.dumps(record, indent=2) + "\n")
+    return file
+
+
+def saved_runs(benchmark: str) -> dict[str, dict]:
+    """{label: results} of every run `save_run` kept for `benchmark`."""
+    folder = RUN_RESULTS / benchmark
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return {f.stem: json.loads(f.read_text()) for f in files}
 
 
 # glibc serves allocations above this many bytes with mmap and returns them to the OS when freed, so

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from _common import append_row, resumable
+from _common import append_row, resumable, save_run
 from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
 
 
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
         figures = (f"{r['trainable_parameters']:,} trained params, training {r['train_seconds'] / 60:.1f} min "
                    f"(wall, resumes included), best val {r['best_validation']:.2%}")
         append_row("imdb_finetune", setting, f"{r['test_accuracy']:.2%}", figures)
+        save_run("imdb_finetune", args.method, {**r, "method": args.method, "setting": setting})
 
 
 if __name__ == "__main__":

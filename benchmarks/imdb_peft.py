@@ -5,16 +5,19 @@ reviews minus a 10% validation split, at most 256 tokens (head+tail), at most 2 
 method's default options and learning rate (tunelab.tasks.methods), then all 25,000 test reviews. Each
 method runs in its own subprocess, so that its peak memory is its own, and in its own folder under --out,
 so that an interrupted method continues with --resume. Per method one row goes to RESULTS.md:
-test accuracy | trainable parameters (count and %), seconds per training step, peak memory, adapter size.
-With every method done, the table and the figure (accuracy against trainable parameters, log x-axis)
-are written to benchmarks/figures/imdb_peft.{md,png}. Full fine-tuning is the same setting as
+test accuracy | trainable parameters (count and %), seconds per training step, peak memory, adapter size,
+and its results are kept in benchmarks/results/imdb_peft/LABEL.json (LABEL: the method, or --label for a
+non-default setting). From those files the table and the figure (accuracy against trainable parameters,
+log x-axis) are drawn: benchmarks/figures/imdb_peft.{md,png}. Full fine-tuning is the same setting as
 benchmarks/imdb_finetune.py; the summary takes its run from there unless `--methods full` ran here.
 Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 points of full fine-tuning.
 
     python benchmarks/imdb_peft.py --methods lora              # one method (about 2 h on 2 quiet CPU cores)
     python benchmarks/imdb_peft.py --resume                    # every PEFT method, continuing interrupted ones
     python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-append   # a quick look
-    python benchmarks/imdb_peft.py --summary                   # table + figure from the finished methods
+    python benchmarks/imdb_peft.py --summary                   # table + figure from the kept runs
+    python benchmarks/imdb_peft.py --methods lora --lr 2e-3 --options '{"modules_to_save": ["classifier", "pooler"]}' \
+        --label lora-pooler --out benchmarks/out/imdb_peft_lora_pooler   # a non-default setting
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from _common import append_row, peak_rss_bytes, resumable
+from _common import append_row, peak_rss_bytes, resumable, save_run, saved_runs
 from tunelab.tasks.methods import METHODS
 
 FIGURES = Path(__file__).resolve().parent / "figures"
@@ -39,7 +42,11 @@ def child(method: str, out: Path, args) -> dict:
     train = {"out_dir": str(out), "resume": resumable(args.resume, out), "progress": not args.quiet}
     if args.epochs:
         train["epochs"] = args.epochs
+    if args.lr:
+        train["lr"] = args.lr
+    options = json.loads(args.options) if args.options else {}
     config = FinetuneRunConfig.from_dict({"model": "minilm", "method": method, "train": train,
+                                          "method_options": options,
                                           "data": {"limit": args.limit, "test_limit": args.test_limit}})
     results = run_imdb_finetune(config, out)
     results["peak_memory_bytes"] = peak_rss_bytes()
@@ -53,27 +60,31 @@ def memory(r: dict) -> str:
     return "n/a" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"
 
 
-def summary(out_root: Path) -> None:
-    """Markdown table and figure of every finished method in `out_root`."""
-    rows = {}
-    for method in METHODS:
-        file = out_root / method / "benchmark.json"
-        if file.is_file():
-            rows[method] = json.loads(file.read_text())
-    finetune = Path("benchmarks/out/imdb_finetune/results.json")  # full fine-tuning, run by imdb_finetune.py
-    if "full" not in rows and finetune.is_file():
-        rows = {"full": {**json.loads(finetune.read_text()), "peak_memory_bytes": None}, **rows}
+def summary() -> None:
+    """Markdown table and figure of every run kept in benchmarks/results/imdb_peft (full fine-tuning from
+    benchmarks/results/imdb_finetune unless a `full` run was kept here), in the order of METHODS."""
+    rows = saved_runs("imdb_peft")
+    full = saved_runs("imdb_finetune").get("full")
+    if "full" not in rows and full is not None:
+        rows["full"] = full
+    order = {method: i for i, method in enumerate(METHODS)}
+
+    def rank(item):  # the methods' order, then the label (lora before its variants)
+        label, r = item
+        return order.get(r.get("method", label), len(order)), label
+
+    rows = dict(sorted(rows.items(), key=rank))
     if not rows:
-        print(f"no finished method under {out_root}")
+        print("no finished run under benchmarks/results/imdb_peft")
         return
-    lines = ["| method | test accuracy | trainable parameters | trainable % | s / step | peak memory | saved |",
-             "|---|---|---|---|---|---|---|"]
-    for method, r in rows.items():
+    lines = ["| run | test accuracy | trainable parameters | trainable % | s / step | peak memory | saved | setting |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
         saved = r.get("adapter_bytes") or 4 * r["parameters"]  # fp32 model file for full fine-tuning
         percent = 100 * r["trainable_parameters"] / r["parameters"]
-        lines.append(f"| {method} | {r['test_accuracy']:.2%} | {r['trainable_parameters']:,} | "
+        lines.append(f"| {label} | {r['test_accuracy']:.2%} | {r['trainable_parameters']:,} | "
                      f"{percent:.3f}% | {r['train_seconds'] / max(r['steps'], 1):.2f} | "
-                     f"{memory(r)} | {saved / 2**20:.2f} MiB |")
+                     f"{memory(r)} | {saved / 2**20:.2f} MiB | {r.get('setting', '')} |")
     FIGURES.mkdir(exist_ok=True)
     (FIGURES / "imdb_peft.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -84,9 +95,9 @@ def summary(out_root: Path) -> None:
     figure = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    for method, r in rows.items():
+    for label, r in rows.items():
         axes.scatter(r["trainable_parameters"], 100 * r["test_accuracy"], s=30)
-        axes.annotate(method, (r["trainable_parameters"], 100 * r["test_accuracy"]), textcoords="offset points",
+        axes.annotate(label, (r["trainable_parameters"], 100 * r["test_accuracy"]), textcoords="offset points",
                       xytext=(4, 4), fontsize=8)
     axes.set(xscale="log", xlabel="trainable parameters (log scale)", ylabel="IMDB test accuracy (%)",
              title="MiniLM on IMDB: accuracy against trainable parameters")
@@ -104,8 +115,13 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, help="train subset (quick look; not appended)")
     parser.add_argument("--test-limit", type=int)
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the method's, tunelab.tasks.methods)")
+    parser.add_argument("--options", help='method options as JSON, e.g. \'{"r": 4}\' (default: the method\'s); '
+                                          "use a separate --out for a non-default setting")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted methods from their checkpoints")
+    parser.add_argument("--label", help="name of the run in benchmarks/results/imdb_peft and in the table "
+                                        "(default: the method; required with --lr or --options)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--summary", action="store_true", help="only write the table and figure")
@@ -117,16 +133,20 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.child, args.out / args.child, args)))
         return
     if args.summary:
-        summary(args.out)
+        summary()
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list(METHODS)}")
     quick = args.limit is not None or args.test_limit is not None
+    if (args.lr or args.options) and not args.label and not quick:
+        parser.error("a run with --lr or --options is not the method's default setting: name it with --label")
+    if args.label and len(methods) != 1:
+        parser.error("--label names the run of one method; give one method with --methods")
     for method in methods:
         command = [sys.executable, __file__, "--child", method, "--out", str(args.out)]
-        for flag in ("limit", "test_limit", "epochs", "threads"):
+        for flag in ("limit", "test_limit", "epochs", "lr", "options", "threads"):
             if getattr(args, flag) is not None:
                 command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         command += ["--resume"] * args.resume + ["--quiet"] * args.quiet
@@ -140,8 +160,9 @@ def main(argv=None) -> None:
                        f"{r['train_seconds'] / max(r['steps'], 1):.2f} s/step (validation included), peak memory "
                        f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB, saved {saved / 2**20:.2f} MiB; minilm, "
                        f"{r['setting']}, best val {r['best_validation']:.2%}")
+            save_run("imdb_peft", args.label or method, {**r, "method": method})
     if not quick:
-        summary(args.out)
+        summary()
 
 
 if __name__ == "__main__":

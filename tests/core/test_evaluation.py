@@ -64,6 +64,41 @@ def test_evaluate_averages_over_examples_not_batches():
     assert_close(torch.tensor(split["loss"]), F.cross_entropy(model(batch["x"]), batch["labels"]))
 
 
+def test_sort_by_length_gives_the_same_metrics_with_less_padding():
+    class MeanPool(nn.Module):  # padding-invariant: the mean of the unpadded embeddings
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(20, 4), nn.Linear(4, 2)
+
+        def forward(self, input_ids, attention_mask):
+            mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+            return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1))  # (B, 2)
+
+    padded = []
+
+    def collate(examples):
+        longest = max(len(e["input_ids"]) for e in examples)
+        padded.append(sum(longest - len(e["input_ids"]) for e in examples))
+        ids = torch.tensor([e["input_ids"] + [0] * (longest - len(e["input_ids"])) for e in examples])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+                "labels": torch.tensor([e["label"] for e in examples])}
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 30, (40,), generator=generator).tolist()
+    examples = [{"input_ids": torch.randint(1, 20, (n,), generator=generator).tolist(), "label": i % 2}
+                for i, n in enumerate(lengths)]
+    model = MeanPool()
+    in_order = evaluate(model, examples, collate_fn=collate, batch_size=8)
+    padding_in_order = sum(padded)
+    padded.clear()
+    by_length = evaluate(model, examples, collate_fn=collate, batch_size=8, sort_by_length=True)
+    assert by_length["n"] == in_order["n"] == 40 and by_length["accuracy"] == in_order["accuracy"]
+    assert abs(by_length["loss"] - in_order["loss"]) < 1e-6
+    assert sum(padded) < padding_in_order / 4
+    with pytest.raises(ValueError, match="sort_by_length needs examples that are dicts with an 'input_ids'"):
+        evaluate(model, [0, 1], collate_fn=collate, sort_by_length=True)
+
+
 def test_losses_flatten_and_shift():
     logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
     labels[0, 3] = -100

@@ -29,14 +29,21 @@ causal_lm_loss.label_shift = 1  # tells `evaluate` to align predictions the same
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_fn=None, device=None,
-             progress: bool = False) -> dict:
-    """Loss and accuracy of `model` on `data` (in order), in eval mode, without gradients.
+             progress: bool = False, sort_by_length: bool = False) -> dict:
+    """Loss and accuracy of `model` on `data`, in eval mode, without gradients.
 
     Both are averaged over the labels != -100 (examples for classification, tokens for language
     modelling), whose count is returned as "n". The model's train/eval mode is restored afterwards.
+    `sort_by_length` batches the examples (dicts with "input_ids") shortest first, so that each batch
+    pads little: the same sums over the same examples, in less time when lengths vary (IMDB reviews).
     """
     if len(data) == 0:
         raise ValueError("evaluate() got empty data")
+    order = range(len(data))
+    if sort_by_length:
+        if not all(isinstance(example, dict) and "input_ids" in example for example in data):
+            raise ValueError("sort_by_length needs examples that are dicts with an 'input_ids' entry")
+        order = sorted(order, key=lambda i: len(data[i]["input_ids"]))
     loss_fn = loss_fn or cross_entropy_loss
     shift = getattr(loss_fn, "label_shift", 0)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -44,7 +51,7 @@ def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_f
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for start in tqdm(range(0, len(data), batch_size), desc="eval", leave=False, disable=not progress):
-        examples = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        examples = [data[i] for i in order[start:start + batch_size]]
         batch = to_device(collate_fn(examples), device)
         labels = batch.pop("labels")
         logits = model(**batch)

@@ -147,7 +147,7 @@ def run_imdb_classification(config: ImdbRunConfig, out_dir: str | Path) -> dict:
     test_set = load_imdb("test", data.data_dir, limit=data.test_limit, seed=data.seed)
     test_examples = encode_examples(test_set, vocab, data.max_length, data.truncation)
     test = evaluate(model, test_examples, collate_fn=collate, batch_size=train_config.eval_batch_size or 128,
-                    device=train_config.device, progress=train_config.progress)
+                    device=train_config.device, progress=train_config.progress, sort_by_length=True)
     results = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": test["n"],
         "best_validation": result.best_metric, "best_step": result.best_step, "steps": result.steps,
@@ -206,7 +206,7 @@ def evaluate_run(run_dir, split: str = "test", limit: int | None = None, data_di
     dataset = load_imdb(split, data_dir or run.data.data_dir, limit=limit, seed=run.data.seed)
     examples = [{**x, "label": y} for x, y in zip(run.encode(dataset["text"]), dataset["label"])]
     return evaluate(run.model, examples, collate_fn=run.collate, batch_size=batch_size, device=device,
-                    progress=progress)
+                    progress=progress, sort_by_length=True)
 
 
 @torch.no_grad()

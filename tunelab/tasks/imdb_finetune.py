@@ -161,7 +161,7 @@ def run_imdb_finetune(config: FinetuneRunConfig, out_dir: str | Path) -> dict:
 
     test_examples = labelled(tokenizer, load_imdb("test", data.data_dir, limit=data.test_limit, seed=data.seed), data)
     test = evaluate(trained, test_examples, collate_fn=collate, batch_size=train_config.eval_batch_size or 64,
-                    device=train_config.device, progress=train_config.progress)
+                    device=train_config.device, progress=train_config.progress, sort_by_length=True)
     results = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": test["n"],
         "best_validation": result.best_metric, "best_step": result.best_step, "steps": result.steps,
