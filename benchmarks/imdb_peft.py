@@ -12,7 +12,7 @@ log x-axis) are drawn: benchmarks/figures/imdb_peft.{md,png}. Full fine-tuning i
 benchmarks/imdb_finetune.py; the summary takes its run from there unless `--methods full` ran here.
 Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 points of full fine-tuning.
 
-    python benchmarks/imdb_peft.py --methods lora              # one method (about 2 h on 2 quiet CPU cores)
+    python benchmarks/imdb_peft.py --methods lora              # one method (1 h 20 min to 2 h on 2 CPU cores)
     python benchmarks/imdb_peft.py --resume                    # every PEFT method, continuing interrupted ones
     python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-append   # a quick look
     python benchmarks/imdb_peft.py --summary                   # table + figure from the kept runs
