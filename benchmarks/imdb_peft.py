@@ -44,6 +44,8 @@ def child(method: str, out: Path, args) -> dict:
         train["epochs"] = args.epochs
     if args.lr:
         train["lr"] = args.lr
+    if args.bf16:
+        train["mixed_precision"] = "bf16"
     options = json.loads(args.options) if args.options else {}
     config = FinetuneRunConfig.from_dict({"model": "minilm", "method": method, "train": train,
                                           "method_options": options,
@@ -51,7 +53,8 @@ def child(method: str, out: Path, args) -> dict:
     results = run_imdb_finetune(config, out)
     results["peak_memory_bytes"] = peak_rss_bytes()
     results["setting"] = (f"{config.data.max_length} tok {config.data.truncation}, {config.train.epochs} ep, "
-                          f"batch {config.train.batch_size}, lr {config.train.lr:g}, options {config.method_options}")
+                          f"batch {config.train.batch_size}, lr {config.train.lr:g}, options {config.method_options}"
+                          + (", bf16 autocast" if args.bf16 else ""))
     (out / "benchmark.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -120,6 +123,8 @@ def main(argv=None) -> None:
                                           "use a separate --out for a non-default setting")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted methods from their checkpoints")
+    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (CPU or CUDA); the setting "
+                                                                 "says so, the test evaluation stays fp32")
     parser.add_argument("--label", help="name of the run in benchmarks/results/imdb_peft and in the table "
                                         "(default: the method; required with --lr or --options)")
     parser.add_argument("--quiet", action="store_true")
@@ -149,7 +154,7 @@ def main(argv=None) -> None:
         for flag in ("limit", "test_limit", "epochs", "lr", "options", "threads"):
             if getattr(args, flag) is not None:
                 command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        command += ["--resume"] * args.resume + ["--quiet"] * args.quiet
+        command += ["--resume"] * args.resume + ["--quiet"] * args.quiet + ["--bf16"] * args.bf16
         subprocess.run(command, check=True)
         r = json.loads((args.out / method / "benchmark.json").read_text())
         print(f"{method}: test accuracy {r['test_accuracy']:.2%} on {r['test_examples']} reviews")

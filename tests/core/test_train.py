@@ -319,13 +319,26 @@ def test_bad_configs_are_refused(data):
         TrainConfig(grad_accum_steps=0)
     with pytest.raises(ValueError, match="resume=True needs out_dir"):
         TrainConfig(resume=True)
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        fit(train, val, mixed_precision="bf16")
     with pytest.raises(ValueError, match="needs val_data"):
         fit(train, early_stopping_patience=1)
     with pytest.raises(ValueError, match="'labels'"):
         train_model(fresh_model(), train, collate_fn=lambda e: collate(e)["input_ids"],
                     config=TrainConfig.tiny())
+
+
+def test_bf16_autocast_on_the_cpu_when_asked(data):
+    train, val = data
+    model = fresh_model()
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    dtypes = set()
+    linear.register_forward_hook(lambda module, inputs, output: dtypes.add((module.training, output.dtype)))
+    result = fit(train, val, model, epochs=5, batch_size=16, lr=3e-2, mixed_precision="bf16")
+    assert (True, torch.bfloat16) in dtypes and (True, torch.float32) not in dtypes  # every training step
+    assert next(model.parameters()).dtype == torch.float32  # autocast leaves the master weights in fp32
+    assert result.best_metric >= 0.9
+    dtypes.clear()
+    fit(train, val, model, epochs=1, batch_size=16, mixed_precision="auto")  # auto: none on the CPU
+    assert (True, torch.float32) in dtypes and (True, torch.bfloat16) not in dtypes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -57,7 +57,7 @@ class TrainConfig:
     log_every_steps: int = 10
     out_dir: str | Path | None = None
     resume: bool = False
-    mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA when supported; "bf16"; "no"
+    mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA when supported; "bf16" (CUDA or CPU); "no"
     device: str | None = None  # None: CPU; "auto": CUDA when available
     progress: bool = True
     eval_batch_size: int | None = None
@@ -330,9 +330,15 @@ def _resolve_device(device) -> torch.device:
 
 
 def _autocast(mode: str, device: torch.device):
-    """bf16 autocast on CUDA (no loss scaling needed: bf16 has fp32's exponent range), else a no-op."""
-    if mode == "bf16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        raise ValueError(f"mixed_precision='bf16' needs a CUDA device that supports bf16, got {device}")
-    if mode == "no" or device.type != "cuda" or not torch.cuda.is_bf16_supported():
+    """The autocast context of a training step (no loss scaling is needed: bf16 has fp32's exponent range).
+
+    "auto": bf16 on a CUDA device that supports it, else none. "bf16": on CUDA (refused where unsupported)
+    or on the CPU, where it pays off on CPUs with bf16 instructions (AVX512-BF16, AMX): a MiniLM training
+    step at batch 16 x 256 took 1.3 s instead of 2.2-2.8 s on a 2-core AMD EPYC with AVX512-BF16.
+    """
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mode == "bf16" and not (cuda_bf16 or device.type == "cpu"):
+        raise ValueError(f"mixed_precision='bf16' needs the CPU or a CUDA device that supports bf16, got {device}")
+    if mode == "no" or (mode == "auto" and not cuda_bf16):
         return contextlib.nullcontext
-    return partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
