@@ -3,13 +3,14 @@
 Each method trains with `tunelab finetune imdb --model minilm --method METHOD` defaults: the 25,000 training
 reviews minus a 10% validation split, at most 256 tokens (head+tail), at most 2 epochs, batch 16, the
 method's default options and learning rate (tunelab.tasks.methods), then all 25,000 test reviews. Each
-method runs in its own subprocess, so that its peak memory is its own, and in its own folder under --out,
-so that an interrupted method continues with --resume. Per method one row goes to RESULTS.md:
+method runs in its own subprocess, so that its peak memory is its own, and in its own folder under --out
+(named by its label), so that an interrupted method continues with --resume. Per method one row goes to RESULTS.md:
 test accuracy | trainable parameters (count and %), seconds per training step, peak memory, adapter size,
 and its results are kept in benchmarks/results/imdb_peft/LABEL.json (LABEL: the method, or --label for a
-non-default setting). From those files the table and the figure (accuracy against trainable parameters,
-log x-axis) are drawn: benchmarks/figures/imdb_peft.{md,png}. Full fine-tuning is the same setting as
-benchmarks/imdb_finetune.py; the summary takes its run from there unless `--methods full` ran here.
+non-default setting: --lr, --options or --bf16). From those files the table and the figure (accuracy
+against trainable parameters, log x-axis) are drawn: benchmarks/figures/imdb_peft.{md,png}. Full
+fine-tuning is the same setting as benchmarks/imdb_finetune.py; the summary takes its run from there
+unless `--methods full` ran here.
 Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 points of full fine-tuning.
 
     python benchmarks/imdb_peft.py --methods lora              # one method (1 h 20 min to 2 h on 2 CPU cores)
@@ -17,7 +18,7 @@ Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 poi
     python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-append   # a quick look
     python benchmarks/imdb_peft.py --summary                   # table + figure from the kept runs
     python benchmarks/imdb_peft.py --methods lora --lr 2e-3 --options '{"modules_to_save": ["classifier", "pooler"]}' \
-        --label lora-pooler --out benchmarks/out/imdb_peft_lora_pooler   # a non-default setting
+        --label lora-pooler                                     # a non-default setting, kept under its label
 """
 
 from __future__ import annotations
@@ -119,14 +120,14 @@ def main(argv=None) -> None:
     parser.add_argument("--test-limit", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the method's, tunelab.tasks.methods)")
-    parser.add_argument("--options", help='method options as JSON, e.g. \'{"r": 4}\' (default: the method\'s); '
-                                          "use a separate --out for a non-default setting")
+    parser.add_argument("--options", help='method options as JSON, e.g. \'{"r": 4}\' (default: the method\'s)')
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted methods from their checkpoints")
     parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (CPU or CUDA); the setting "
                                                                  "says so, the test evaluation stays fp32")
-    parser.add_argument("--label", help="name of the run in benchmarks/results/imdb_peft and in the table "
-                                        "(default: the method; required with --lr or --options)")
+    parser.add_argument("--label", help="name of the run in benchmarks/results/imdb_peft, in the table and of its "
+                                        "folder under --out (default: the method; required with --lr, --options "
+                                        "or --bf16)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--summary", action="store_true", help="only write the table and figure")
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child, args.out / args.child, args)))
+        print(json.dumps(child(args.child, args.out / (args.label or args.child), args)))
         return
     if args.summary:
         summary()
@@ -145,18 +146,18 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list(METHODS)}")
     quick = args.limit is not None or args.test_limit is not None
-    if (args.lr or args.options) and not args.label and not quick:
-        parser.error("a run with --lr or --options is not the method's default setting: name it with --label")
+    if (args.lr or args.options or args.bf16) and not args.label and not quick:
+        parser.error("a run with --lr, --options or --bf16 is not the method's default setting: name it with --label")
     if args.label and len(methods) != 1:
         parser.error("--label names the run of one method; give one method with --methods")
     for method in methods:
         command = [sys.executable, __file__, "--child", method, "--out", str(args.out)]
-        for flag in ("limit", "test_limit", "epochs", "lr", "options", "threads"):
+        for flag in ("limit", "test_limit", "epochs", "lr", "options", "threads", "label"):
             if getattr(args, flag) is not None:
                 command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         command += ["--resume"] * args.resume + ["--quiet"] * args.quiet + ["--bf16"] * args.bf16
         subprocess.run(command, check=True)
-        r = json.loads((args.out / method / "benchmark.json").read_text())
+        r = json.loads((args.out / (args.label or method) / "benchmark.json").read_text())
         print(f"{method}: test accuracy {r['test_accuracy']:.2%} on {r['test_examples']} reviews")
         if not quick and not args.no_append:
             saved = r["adapter_bytes"] if r["adapter_bytes"] is not None else 4 * r["parameters"]

@@ -333,8 +333,8 @@ def _autocast(mode: str, device: torch.device):
     """The autocast context of a training step (no loss scaling is needed: bf16 has fp32's exponent range).
 
     "auto": bf16 on a CUDA device that supports it, else none. "bf16": on CUDA (refused where unsupported)
-    or on the CPU, where it pays off on CPUs with bf16 instructions (AVX512-BF16, AMX): a MiniLM training
-    step at batch 16 x 256 took 1.3 s instead of 2.2-2.8 s on a 2-core AMD EPYC with AVX512-BF16.
+    or on the CPU, where it pays off on CPUs with bf16 instructions (AVX512-BF16, AMX): a MiniLM forward and
+    backward at batch 16 x 256 took 1.3 s instead of 2.2-2.8 s on a 2-core AMD EPYC with AVX512-BF16.
     """
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if mode == "bf16" and not (cuda_bf16 or device.type == "cpu"):
