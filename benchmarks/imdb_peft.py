@@ -152,6 +152,8 @@ def main(argv=None) -> None:
     quick = args.limit is not None or args.test_limit is not None
     if (args.lr or args.options or args.bf16) and not args.label and not quick:
         parser.error("a run with --lr, --options or --bf16 is not the method's default setting: name it with --label")
+    if args.label in METHODS:
+        parser.error(f"--label {args.label} would overwrite that method's default run: choose another name")
     if args.label and len(methods) != 1:
         parser.error("--label names the run of one method; give one method with --methods")
     for method in methods:
