@@ -2,7 +2,8 @@
 
 Each method trains with `tunelab finetune imdb --model minilm --method METHOD` defaults: the 25,000 training
 reviews minus a 10% validation split, at most 256 tokens (head+tail), at most 2 epochs, batch 16, the
-method's default options and learning rate (tunelab.tasks.methods), then all 25,000 test reviews. Each
+method's default options and learning rate (tunelab.tasks.methods), then all 25,000 test reviews (LoRA and
+DoRA with the update merged into the weights, as they would be served). Each
 method runs in its own subprocess, so that its peak memory is its own, and in its own folder under --out
 (named by its label), so that an interrupted method continues with --resume. Per method one row goes to RESULTS.md:
 test accuracy | trainable parameters (count and %), seconds per training step, peak memory, adapter size,

@@ -8,10 +8,11 @@ import torch
 import transformers
 
 from tunelab.core.bert import BertConfig, BertForSequenceClassification
-from tunelab.core.hub import WordPieceTokenizer, resolve_model_dir, save_pretrained
+from tunelab.core.hub import WordPieceTokenizer, load_pretrained, resolve_model_dir, save_pretrained
+from tunelab.peft.lora import lora_layers
 from tunelab.tasks.imdb_classification import evaluate_run
 from tunelab.tasks.imdb_finetune import FinetuneRunConfig, load_run, run_imdb_finetune
-from tunelab.tasks.methods import METHODS, method_config
+from tunelab.tasks.methods import METHODS, method_config, rebuild_method
 
 OPTIONS = {"lora": {"r": 4, "alpha": 8}, "dora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "ff.linear1"]},
            "adapter-houlsby": {"reduction_factor": 8}, "adapter-pfeiffer": {"reduction_factor": 8},
@@ -81,6 +82,21 @@ def test_merged_lora_run_is_a_hugging_face_model_with_the_adapters_predictions(t
     with torch.no_grad():
         torch.testing.assert_close(run.model(**batch), hf(**batch).logits, atol=1e-5, rtol=1e-5)
     assert "lora" not in " ".join(n for n, _ in run.model.named_modules()).lower()  # plain layers again
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_low_rank_runs_are_scored_merged_with_the_adapters_predictions(method, tiny_pretrained, imdb_dir, tmp_path):
+    finetune(tiny_pretrained, tmp_path, imdb_dir, method)
+    run = load_run(tmp_path)
+    assert not lora_layers(run.model)  # the update is folded into plain Linear layers: no extra inference cost
+    torch.manual_seed(0)  # the run's seed: the new head starts as it did in training
+    base, tokenizer = load_pretrained(tiny_pretrained, task="classification", num_labels=2)
+    unmerged = rebuild_method(base, method, OPTIONS[method], tmp_path / "adapter", tokenizer).eval()
+    assert lora_layers(unmerged) and any(layer.adapters["default"].B.weight.abs().max() > 0
+                                        for layer in lora_layers(unmerged).values())
+    batch = run.collate(run.encode(["A fine film.", "Dull and far too long."]))
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(**batch), unmerged(**batch), atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_options_and_impossible_merges_are_refused_by_name():
