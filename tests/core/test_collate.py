@@ -55,6 +55,19 @@ def test_pad_id_is_respected():
     assert torch.equal(attention_mask, torch.tensor([[1, 0], [1, 1]]))
 
 
+def test_pad_to_multiple_of_rounds_the_batch_length_up_but_never_past_max_length():
+    input_ids, attention_mask = pad_sequences([[3, 4, 5], [6]], pad_id=9, multiple_of=4)
+    assert torch.equal(input_ids, torch.tensor([[3, 4, 5, 9], [6, 9, 9, 9]]))
+    assert torch.equal(attention_mask, torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]))
+    collate = ClassificationCollator(max_length=10, pad_to_multiple_of=8)
+    assert collate([{"input_ids": [1, 2, 3]}])["input_ids"].shape == (1, 8)
+    assert collate([{"input_ids": list(range(9))}])["input_ids"].shape == (1, 10)  # 16 would pass max_length
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be at least 1, got 0"):
+        ClassificationCollator(pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="multiple_of must be at least 1"):
+        pad_sequences([[1]], multiple_of=0)
+
+
 def test_text_examples_are_encoded():
     vocab = build_vocab(["a great film", "a bad film"])
     collate = ClassificationCollator(vocab.encode, max_length=8)

@@ -64,7 +64,7 @@ def test_evaluate_averages_over_examples_not_batches():
     assert_close(torch.tensor(split["loss"]), F.cross_entropy(model(batch["x"]), batch["labels"]))
 
 
-def test_sort_by_length_gives_the_same_metrics_with_less_padding():
+def test_sort_by_length_gives_the_same_metrics_with_less_padding_longest_batch_first():
     class MeanPool(nn.Module):  # padding-invariant: the mean of the unpadded embeddings
         def __init__(self):
             super().__init__()
@@ -74,11 +74,12 @@ def test_sort_by_length_gives_the_same_metrics_with_less_padding():
             mask = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
             return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1))  # (B, 2)
 
-    padded = []
+    padded, longests = [], []
 
     def collate(examples):
         longest = max(len(e["input_ids"]) for e in examples)
         padded.append(sum(longest - len(e["input_ids"]) for e in examples))
+        longests.append(longest)
         ids = torch.tensor([e["input_ids"] + [0] * (longest - len(e["input_ids"])) for e in examples])
         return {"input_ids": ids, "attention_mask": (ids != 0).long(),
                 "labels": torch.tensor([e["label"] for e in examples])}
@@ -90,8 +91,9 @@ def test_sort_by_length_gives_the_same_metrics_with_less_padding():
     model = MeanPool()
     in_order = evaluate(model, examples, collate_fn=collate, batch_size=8)
     padding_in_order = sum(padded)
-    padded.clear()
+    padded.clear(), longests.clear()
     by_length = evaluate(model, examples, collate_fn=collate, batch_size=8, sort_by_length=True)
+    assert longests == sorted(longests, reverse=True) and longests[0] == max(lengths)  # memory freed fits the next
     assert by_length["n"] == in_order["n"] == 40 and by_length["accuracy"] == in_order["accuracy"]
     assert abs(by_length["loss"] - in_order["loss"]) < 1e-6
     assert sum(padded) < padding_in_order / 4

@@ -29,12 +29,16 @@ def test_the_run_folder_is_a_hugging_face_model_with_the_same_logits(minilm_run)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     run = load_run(out)
-    texts = ["An instant classic.", "I want my two hours back, this was dreadful in every way."]
+    texts = ["An instant classic.", "I want my two hours back, this was dreadful."]  # 6 and 13 tokens
     batch = run.collate(run.encode(texts))
-    enc = hf_tokenizer(texts, padding=True, return_tensors="pt")
-    assert torch.equal(batch["input_ids"], enc["input_ids"])
+    enc = hf_tokenizer(texts, padding=True, pad_to_multiple_of=16, return_tensors="pt")
+    assert batch["input_ids"].shape == (2, 16) and torch.equal(batch["input_ids"], enc["input_ids"])
+    shortest = hf_tokenizer(texts, padding=True, return_tensors="pt")  # padded to the longest text only
+    assert shortest["input_ids"].shape == (2, 13)
     with torch.no_grad():
-        assert (run.model(**batch) - hf(**enc).logits).abs().max().item() <= 1e-5
+        logits = run.model(**batch)
+        assert (logits - hf(**enc).logits).abs().max().item() <= 1e-5
+        assert (logits - run.model(**shortest)).abs().max().item() <= 1e-5  # masked padding changes nothing
 
 
 def test_evaluate_run_and_predict_serve_fine_tuned_runs(minilm_run):

@@ -34,8 +34,11 @@ def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_f
 
     Both are averaged over the labels != -100 (examples for classification, tokens for language
     modelling), whose count is returned as "n". The model's train/eval mode is restored afterwards.
-    `sort_by_length` batches the examples (dicts with "input_ids") shortest first, so that each batch
-    pads little: the same sums over the same examples, in less time when lengths vary (IMDB reviews).
+    `sort_by_length` batches the examples (dicts with "input_ids") by length, so that each batch pads
+    little: the same sums over the same examples, in less time when lengths vary (IMDB reviews). Longest
+    first: each batch then fits in memory the one before it freed. Shortest first, every batch asks for a
+    little more than was freed and the CPU allocator's heap keeps growing (3,000 IMDB test reviews through
+    MiniLM with LoRA: peak 3.1 GB shortest first, 1.6 GB longest first; all 25,000 reached 16.6 GB at 57%).
     """
     if len(data) == 0:
         raise ValueError("evaluate() got empty data")
@@ -43,7 +46,7 @@ def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_f
     if sort_by_length:
         if not all(isinstance(example, dict) and "input_ids" in example for example in data):
             raise ValueError("sort_by_length needs examples that are dicts with an 'input_ids' entry")
-        order = sorted(order, key=lambda i: len(data[i]["input_ids"]))
+        order = sorted(order, key=lambda i: -len(data[i]["input_ids"]))  # longest first
     loss_fn = loss_fn or cross_entropy_loss
     shift = getattr(loss_fn, "label_shift", 0)
     device = torch.device(device) if device is not None else next(model.parameters()).device

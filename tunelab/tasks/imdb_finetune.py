@@ -50,6 +50,8 @@ class FinetuneData:
         max_length: tokens per review, [CLS] and [SEP] included (BERT's position table allows 512).
         truncation: "head", "tail" or "head+tail" (Sun et al. 2019: head+tail is best on IMDB).
         seed: chooses the subsets and the split.
+        pad_to_multiple_of: each batch's length is rounded up to a multiple of this. Padding is masked, so
+            the logits are the same; the CPU's kernel cache holds 16x fewer shapes (see ClassificationCollator).
     """
 
     data_dir: str | None = None
@@ -59,6 +61,7 @@ class FinetuneData:
     max_length: int = 256
     truncation: str = "head+tail"
     seed: int = 0
+    pad_to_multiple_of: int = 16
 
 
 @dataclass
@@ -109,7 +112,8 @@ def encode_reviews(tokenizer: WordPieceTokenizer, texts, max_length: int, trunca
 
 def make_collator(tokenizer: WordPieceTokenizer, data: FinetuneData) -> ClassificationCollator:
     return ClassificationCollator(max_length=data.max_length, pad_id=tokenizer.pad_id, truncation=data.truncation,
-                                  bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
+                                  bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id,
+                                  pad_to_multiple_of=data.pad_to_multiple_of)
 
 
 def labelled(tokenizer, dataset, data: FinetuneData) -> list[dict]:
