@@ -173,10 +173,11 @@ print(f"adapter on disk: {adapter_kb:.0f} kB; the pretrained model: {model_mb:.1
 #
 # At inference the low-rank path costs two extra small matrix products per adapted layer. Since
 # W x + s B A x = (W + s B A) x, the update can be folded into W once (`merge_lora`): the layer is
-# then a plain linear layer again, with zero extra cost, and `unmerge_lora` subtracts it back.
+# then a plain linear layer again, with zero extra cost, and `unmerge_lora` subtracts it back. `load_run`
+# merges a LoRA run this way (and `tunelab evaluate` scores it merged); `merge=False` keeps the adapter.
 
 # %%
-run = load_run(run_dir)  # the pretrained model with the run's adapter
+run = load_run(run_dir, merge=False)  # the pretrained model with the run's adapter, not yet folded in
 test = load_imdb("test", limit=32, seed=4)
 examples = run.collate(run.encode(test["text"]))
 with torch.no_grad():

@@ -92,6 +92,8 @@ def test_low_rank_runs_are_scored_merged_with_the_adapters_predictions(method, t
     torch.manual_seed(0)  # the run's seed: the new head starts as it did in training
     base, tokenizer = load_pretrained(tiny_pretrained, task="classification", num_labels=2)
     unmerged = rebuild_method(base, method, OPTIONS[method], tmp_path / "adapter", tokenizer).eval()
+    kept = load_run(tmp_path, merge=False).model  # merge=False keeps the adapter layers
+    assert set(lora_layers(kept)) == set(lora_layers(unmerged))
     assert lora_layers(unmerged) and any(layer.adapters["default"].B.weight.abs().max() > 0
                                         for layer in lora_layers(unmerged).values())
     batch = run.collate(run.encode(["A fine film.", "Dull and far too long."]))

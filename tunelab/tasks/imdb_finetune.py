@@ -202,9 +202,10 @@ def for_inference(model: torch.nn.Module, method: str) -> torch.nn.Module:
     return merge_method(model, method) if method in MERGEABLE else model
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> FinetuneRun:
+def load_run(run_dir: str | Path, device: str | None = None, merge: bool = True) -> FinetuneRun:
     """The model a run saved (its Hugging Face folder, or the pretrained model with the run's adapter), with the
-    run's tokenizer and data settings."""
+    run's tokenizer and data settings. A LoRA or DoRA adapter comes merged into the weights (`for_inference`)
+    unless `merge=False`, which keeps its layers, e.g. to look at them or to merge by hand."""
     run_dir = Path(run_dir)
     config = FinetuneRunConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
     if config.method == "full" or config.merge:
@@ -217,8 +218,8 @@ def load_run(run_dir: str | Path, device: str | None = None) -> FinetuneRun:
         torch.manual_seed(config.train.seed)  # a head the pretrained folder lacks starts as it did in the run
         base, base_tokenizer = load_pretrained(config.model, task="classification", num_labels=2,
                                                **config.model_overrides)
-        model = for_inference(rebuild_method(base, config.method, config.method_options, run_dir / "adapter",
-                                             base_tokenizer), config.method)
+        model = rebuild_method(base, config.method, config.method_options, run_dir / "adapter", base_tokenizer)
+        model = for_inference(model, config.method) if merge else model
         tokenizer = WordPieceTokenizer.from_file(run_dir / "tokenizer.json")
     model.to(device or "cpu").eval()
     return FinetuneRun(model, tokenizer, config.data, make_collator(tokenizer, config.data))
