@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -101,10 +102,13 @@ def summary() -> None:
     figure = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    for label, r in rows.items():
-        axes.scatter(r["trainable_parameters"], 100 * r["test_accuracy"], s=30)
-        axes.annotate(label, (r["trainable_parameters"], 100 * r["test_accuracy"]), textcoords="offset points",
-                      xytext=(4, 4), fontsize=8)
+    points = {label: (r["trainable_parameters"], 100 * r["test_accuracy"]) for label, r in rows.items()}
+    span = max(y for _, y in points.values()) - min(y for _, y in points.values()) or 1.0
+    for label, (x, y) in points.items():
+        # A label goes below its point when another point sits just above it (within a quarter decade).
+        crowded = any(0 < y2 - y < 0.08 * span and abs(math.log10(x2 / x)) < 0.25 for x2, y2 in points.values())
+        axes.scatter(x, y, s=30)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, -11 if crowded else 4), fontsize=8)
     axes.axhline(100 * LORA_TARGET, color="grey", linestyle="--", linewidth=1, label="LoRA target")
     axes.margins(x=0.15, y=0.15)
     axes.legend(loc="lower right", fontsize=8)
