@@ -59,6 +59,8 @@ def test_pad_to_multiple_of_rounds_the_batch_length_up_but_never_past_max_length
     input_ids, attention_mask = pad_sequences([[3, 4, 5], [6]], pad_id=9, multiple_of=4)
     assert torch.equal(input_ids, torch.tensor([[3, 4, 5, 9], [6, 9, 9, 9]]))
     assert torch.equal(attention_mask, torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]))
+    assert pad_sequences([[3, 4, 5], [6]], multiple_of=4, max_length=3)[0].shape == (2, 3)
+    assert pad_sequences([[3, 4, 5], [6]], multiple_of=4, max_length=2)[0].shape == (2, 3)  # padded, never cut
     collate = ClassificationCollator(max_length=10, pad_to_multiple_of=8)
     assert collate([{"input_ids": [1, 2, 3]}])["input_ids"].shape == (1, 8)
     assert collate([{"input_ids": list(range(9))}])["input_ids"].shape == (1, 10)  # 16 would pass max_length

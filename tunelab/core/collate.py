@@ -41,9 +41,10 @@ def truncate(ids: Sequence[int], max_length: int, side: str = "head") -> list[in
 
 
 def pad_sequences(
-    sequences: Sequence[Sequence[int]], pad_id: int = 0, multiple_of: int = 1
+    sequences: Sequence[Sequence[int]], pad_id: int = 0, multiple_of: int = 1, max_length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists to the longest one, rounded up to a multiple of `multiple_of`.
+    """Right-pad token lists to the longest one, rounded up to a multiple of `multiple_of` but not past
+    `max_length` (a longer sequence is padded to its own length, never cut).
 
     Returns:
         input_ids (B, T) long and attention_mask (B, T) long, 1 on real tokens, 0 on padding.
@@ -51,7 +52,8 @@ def pad_sequences(
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be at least 1, got {multiple_of}")
     longest = max(len(ids) for ids in sequences)
-    longest = -(-longest // multiple_of) * multiple_of
+    rounded = -(-longest // multiple_of) * multiple_of
+    longest = rounded if max_length is None else max(longest, min(rounded, max_length))
     input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, T)
     for row, ids in enumerate(sequences):
@@ -122,8 +124,8 @@ class ClassificationCollator:
             bos = [] if self.bos_id is None else [self.bos_id]
             eos = [] if self.eos_id is None else [self.eos_id]
             sequences.append(bos + ids + eos)
-        input_ids, attention_mask = pad_sequences(sequences, self.pad_id, self.pad_to_multiple_of)  # (B, T), (B, T)
-        input_ids, attention_mask = input_ids[:, :self.max_length], attention_mask[:, :self.max_length]
+        input_ids, attention_mask = pad_sequences(sequences, self.pad_id, self.pad_to_multiple_of,
+                                                  self.max_length)  # (B, T), (B, T)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
 
         has_label = ["label" in example for example in examples]
