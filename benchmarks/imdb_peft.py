@@ -105,10 +105,11 @@ def summary() -> None:
     points = {label: (r["trainable_parameters"], 100 * r["test_accuracy"]) for label, r in rows.items()}
     span = max(y for _, y in points.values()) - min(y for _, y in points.values()) or 1.0
     for label, (x, y) in points.items():
-        # A label goes below its point when another point sits just above it (within a quarter decade).
+        # A label goes to the left of its point when another point sits just above it (within a quarter decade).
         crowded = any(0 < y2 - y < 0.08 * span and abs(math.log10(x2 / x)) < 0.25 for x2, y2 in points.values())
         axes.scatter(x, y, s=30)
-        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, -11 if crowded else 4), fontsize=8)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(-5, -9) if crowded else (4, 4),
+                      ha="right" if crowded else "left", fontsize=8)
     axes.axhline(100 * LORA_TARGET, color="grey", linestyle="--", linewidth=1, label="LoRA target")
     axes.margins(x=0.15, y=0.15)
     axes.legend(loc="lower right", fontsize=8)
