@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -96,23 +95,23 @@ def summary() -> None:
     (FIGURES / "imdb_peft.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5))
+    figure = Figure(figsize=(9, 4.5))
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    points = {label: (r["trainable_parameters"], 100 * r["test_accuracy"]) for label, r in rows.items()}
-    span = max(y for _, y in points.values()) - min(y for _, y in points.values()) or 1.0
-    for label, (x, y) in points.items():
-        # A label goes to the left of its point when another point sits just above it (within a quarter decade).
-        crowded = any(0 < y2 - y < 0.08 * span and abs(math.log10(x2 / x)) < 0.25 for x2, y2 in points.values())
-        axes.scatter(x, y, s=30)
-        axes.annotate(label, (x, y), textcoords="offset points", xytext=(-5, -9) if crowded else (4, 4),
-                      ha="right" if crowded else "left", fontsize=8)
+    # A legend, not labels beside the points: several runs land within a point of each other at similar sizes,
+    # so no fixed offset keeps their labels apart. Colour and marker together tell up to 40 runs apart.
+    colors, markers = matplotlib.colormaps["tab10"].colors, "osD^v"
+    by_accuracy = sorted(rows.items(), key=lambda item: -item[1]["test_accuracy"])
+    for i, (label, r) in enumerate(by_accuracy):
+        axes.scatter(r["trainable_parameters"], 100 * r["test_accuracy"], s=36, color=colors[i % 10],
+                     marker=markers[i // 10 % len(markers)], label=f"{label}: {100 * r['test_accuracy']:.2f}%")
     axes.axhline(100 * LORA_TARGET, color="grey", linestyle="--", linewidth=1, label="LoRA target")
-    axes.margins(x=0.15, y=0.15)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.margins(x=0.1, y=0.1)
+    axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     axes.set(xscale="log", xlabel="trainable parameters (log scale)", ylabel="IMDB test accuracy (%)",
              title="MiniLM on IMDB: accuracy against trainable parameters")
     axes.grid(alpha=0.3)
