@@ -163,6 +163,8 @@ def test_lesson_07_lora(tmp_path, imdb_dir):
     assert r["acc_after"] > 0.65  # 0.740 after 46 steps at lr 2e-3 on 360 reviews, 200 test reviews
     assert 250 < r["adapter_kb"] < 400 and r["model_mb"] > 80  # 301.5 kB of fp32 A, B and head; 90.9 MB
     assert r["dora_trainable"] == r["trainable"] + 12 * 384  # one magnitude per output row
+    assert r["trainable_r1"] == 6 * 2 * 1 * 768 + 770 and r["trainable_r64"] == 6 * 2 * 64 * 768 + 770
+    assert min(r["acc_r1"], r["acc_r64"], r["acc_r64_rs"]) > 0.65  # 0.715, 0.735, 0.745: rank 1 already learns
     assert_figures(out, ["07_lora.png"])
     assert (out / "07_lora" / "adapter" / "adapter_model.safetensors").is_file()
 
