@@ -226,17 +226,16 @@ print(f"DoRA adds one magnitude per output row: {dora_trainable:,} trainable "
       f"(= LoRA's {trainable_params:,} + 12 x 384)")
 
 # %%
-ABLATION = {"r=1": dict(r=1, alpha=ALPHA), "r=64": dict(r=64, alpha=ALPHA),
+ABLATION = {"r=1": dict(r=1, alpha=ALPHA), f"r={R}": dict(r=R, alpha=ALPHA), "r=64": dict(r=64, alpha=ALPHA),
             "r=64 rsLoRA": dict(r=64, alpha=ALPHA, use_rslora=True)}
-by_rank = {f"r={R}": results}
-for name, options in ABLATION.items():
-    by_rank[name] = run_imdb_finetune(FinetuneRunConfig(model="minilm", method="lora", method_options=options,
-                                                        data=data, train=train), OUT / f"07_{name.replace(' ', '_')}")
-by_rank = dict(sorted(by_rank.items(), key=lambda kv: (kv[1]["trainable_parameters"], kv[0])))
+by_rank = {}
+for name, options in ABLATION.items():  # section 3 already trained r = R with these settings
+    by_rank[name] = results if name == f"r={R}" else run_imdb_finetune(
+        FinetuneRunConfig(model="minilm", method="lora", method_options=options, data=data, train=train),
+        OUT / f"07_{name.replace(' ', '_')}")
 print(f"{'':>12}{'s':>7}{'trainable':>11}{'test accuracy':>15}{'test loss':>11}")
 for name, r in by_rank.items():
-    rank, rs = int(name.split()[0][2:]), name.endswith("rsLoRA")
-    print(f"{name:>12}{ALPHA / (rank ** 0.5 if rs else rank):>7.2f}{r['trainable_parameters']:>11,}"
+    print(f"{name:>12}{LoRAConfig(**ABLATION[name]).scaling:>7.2f}{r['trainable_parameters']:>11,}"
           f"{r['test_accuracy']:>15.3f}{r['test_loss']:>11.3f}")
 rank_acc = {name: r["test_accuracy"] for name, r in by_rank.items()}
 
