@@ -50,14 +50,15 @@ import transformers
 
 from tunelab.core.bert import hf_module_names
 from tunelab.core.data import load_imdb
-from tunelab.core.hub import load_pretrained, read_safetensors, resolve_model_dir
+from tunelab.core.hub import load_pretrained, resolve_model_dir
+from tunelab.core.io import read_safetensors
 from tunelab.core.layers import EncoderLayer
 from tunelab.core.plots import read_metrics
 from tunelab.peft.adapters import AdapterConfig, BottleneckAdapter, apply_adapters
 from tunelab.peft.ia3 import IA3Config, apply_ia3, ia3_layers, merge_ia3
 from tunelab.peft.selective import apply_bitfit, count_parameters
 from tunelab.tasks.imdb_finetune import FinetuneData, FinetuneRunConfig, load_run, run_imdb_finetune
-from tunelab.tasks.methods import DEFAULT_LR
+from tunelab.tasks.methods import get_method
 
 QUICK = os.environ.get("QUICK", "0") not in ("", "0")
 N_TRAIN = 560 if QUICK else 2000  # train-split reviews (a tenth is held out for validation)
@@ -65,12 +66,12 @@ N_TEST = 200 if QUICK else 1000  # class-balanced test-split reviews
 MAX_LENGTH = 32 if QUICK else 128  # WordPiece tokens per review, [CLS] and [SEP] included
 BATCH, EPOCHS = 8, 1  # the same budget for every method: one pass over the same batches
 # Peak learning rates. Methods that train few weights from an identity start take larger steps than full
-# fine-tuning. The full run takes the benchmark's (tunelab.tasks.methods.DEFAULT_LR, which cites the
-# papers); the quick run's 63 steps of 32 tokens need larger ones, which over 225 steps of 128 tokens
+# fine-tuning. The full run takes the benchmark's (each method's `lr` in the table of
+# tunelab/tasks/methods.py, which cites the papers); the quick run's 63 steps of 32 tokens need larger ones, which over 225 steps of 128 tokens
 # sent Houlsby adapters and BitFit back to ln 2 (chance) after they had begun to learn.
 METHODS = ("full", "adapter-houlsby", "adapter-pfeiffer", "bitfit", "ia3")
 QUICK_LR = {"full": 1e-4, "adapter-houlsby": 5e-3, "adapter-pfeiffer": 5e-3, "bitfit": 5e-3, "ia3": 1e-2}
-LR = QUICK_LR if QUICK else {method: DEFAULT_LR[method] for method in METHODS}
+LR = QUICK_LR if QUICK else {method: get_method(method).lr for method in METHODS}
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 OUT = Path(os.environ.get("TUNELAB_LESSONS_OUT", HERE / "out"))
 OUT.mkdir(parents=True, exist_ok=True)
@@ -259,9 +260,10 @@ for method, r in runs.items():
 acc = {method: r["test_accuracy"] for method, r in runs.items()}
 
 # %% [markdown]
-# With the same short budget, full fine-tuning comes out ahead: in the quick run (63 steps of 8 reviews
-# of 32 tokens) it reached 0.72 on the 200 test reviews, Houlsby adapters 0.655, (IA)^3 0.61, Pfeiffer
-# adapters 0.545 and BitFit 0.51, hardly above chance. The training curves say why: every PEFT run
+# With the same short budget, full fine-tuning comes out ahead: in a quick run measured on 2026-11-23
+# (63 steps of 8 reviews of 32 tokens) it reached 0.72 on the 200 test reviews, Houlsby adapters 0.655,
+# (IA)^3 0.61, Pfeiffer adapters 0.545 and BitFit 0.51, hardly above chance; the table above holds this
+# run's figures. The training curves say why: every PEFT run
 # starts from the pretrained function with a random head on top of a *frozen* pooler; at their large
 # learning rates the head first overshoots (the loss rises above ln 2 around step 20), then the loss
 # stays near ln 2 for longer; full fine-tuning moves every weight, the pooler right under the head
@@ -273,13 +275,13 @@ acc = {method: r["test_accuracy"] for method, r in runs.items()}
 # adapters within 0.4% of it on GLUE while adding 3.6% of BERT-large's weights per task, BitFit competitive
 # with it while training 0.08%, (IA)^3 ahead of it in few-shot experiments with T0. Without `QUICK=1` this
 # lesson gives every method 225 steps on reviews of 128 tokens at the benchmark's learning rates (10 to 20
-# minutes on 2 cores). There the adapters come close: on 1,000 test reviews full fine-tuning reached 0.834,
-# Houlsby adapters 0.830, Pfeiffer adapters 0.822, BitFit 0.763 and (IA)^3 0.742; the training losses of
-# these last two had fallen only to about 0.65 and were still falling when the budget ran out. On all of
-# IMDB, with 2,814 steps of 256 tokens, `benchmarks/imdb_peft.py` puts them at 92.5%, 91.3%, 90.7%, 88.9%
-# and 90.0%. Per step, in the quick run, the small methods were two to three and a half times cheaper: no
-# weight gradients for the big matrices, and AdamW keeps its two moments for 15 to 230 thousand numbers
-# instead of 22.7 million.
+# minutes on 2 cores). There the adapters come close: in full mode, measured on 2026-11-30/12-01, on 1,000
+# test reviews full fine-tuning reached 0.834, Houlsby adapters 0.830, Pfeiffer adapters 0.822, BitFit 0.763
+# and (IA)^3 0.742; the training losses of these last two had fallen only to about 0.65 and were still
+# falling when the budget ran out. On all of IMDB, with 2,814 steps of 256 tokens, the imdb_peft benchmark
+# (benchmarks/README.md) puts them at 92.5%, 91.3%, 90.7%, 88.9% and 90.0%. Per step, in the quick run of
+# 2026-11-23, the small methods were two to three and a half times cheaper: no weight gradients for the
+# big matrices, and AdamW keeps its two moments for 15 to 230 thousand numbers instead of 22.7 million.
 
 # %%
 COLORS = {"full": "black", "adapter-houlsby": "tab:blue", "adapter-pfeiffer": "tab:cyan", "bitfit": "tab:green",
@@ -309,7 +311,8 @@ fig.savefig(OUT / "08_adapters_bitfit_ia3.png", dpi=100)
 # Full fine-tuning must save the whole model. The others save only what they trained (and the new
 # head): `adapter/adapter_model.safetensors`. (IA)^3 exists in peft, so its folder uses peft's layout
 # and tensor names; peft has no bottleneck adapters or BitFit, so those folders hold our own tensor names
-# under `peft_type: "TUNELAB"`, which `tunelab.tasks.methods.load_method` reads back.
+# under `peft_type: "TUNELAB"`. Every method writes and reads its folder with the same pair of functions,
+# `save_adapter` and `load_adapter` of its module (`tunelab.peft.adapters`, `.selective`, `.ia3`, ...).
 
 # %%
 saved_kb = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-# One tolerance table, keyed by dtype (STYLE.md rule 8): no per-test fudge factors.
+# One tolerance table, keyed by dtype (CONTRIBUTING.md, parity tests): no per-test fudge factors.
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.float16: dict(atol=1e-3, rtol=1e-3),

@@ -170,7 +170,7 @@ def test_lesson_07_lora(tmp_path, imdb_dir):
 
 
 def test_lesson_index_lists_all_lessons():
-    """lessons/README.md names the 20 lessons of DESIGN.md; every file it links to exists."""
+    """lessons/README.md names the 20 lessons of the course (CONTRIBUTING.md); every file it links to exists."""
     index = (LESSONS / "README.md").read_text()
     numbers = re.findall(r"^\| (\d\d) \|", index, flags=re.M)
     assert numbers == [f"{n:02d}" for n in range(1, 21)]

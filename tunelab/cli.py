@@ -20,90 +20,96 @@ from pathlib import Path
 from tunelab.core.checkpoint import CheckpointError
 from tunelab.tasks.methods import METHODS
 
-# option -> (section of the run config, key, type, help)
-TRAIN_OPTIONS = {
+# Options that several commands share, declared once: option -> (section of the run config, key, type, help).
+SHARED_OPTIONS = {
     "--data-dir": ("data", "data_dir", str, "IMDB folder (default: $TUNELAB_DATA_DIR, then the hub)"),
-    "--limit": ("data", "limit", int, "train on a class-balanced subset of this many reviews"),
+    "--limit": ("data", "limit", int, "use this many training reviews (class-balanced where labelled)"),
     "--test-limit": ("data", "test_limit", int, "evaluate on a class-balanced subset of the test split"),
-    "--max-length": ("data", "max_length", int, "tokens kept per review (default 512)"),
+    "--max-length": ("data", "max_length", int, "tokens kept per review"),
     "--truncation": ("data", "truncation", str, "head, tail or head+tail (default head+tail)"),
-    "--vocab-size": ("data", "vocab_size", int, "vocabulary size, specials included (default 30000)"),
-    "--min-freq": ("data", "min_freq", int, "least count of a token to enter the vocabulary"),
-    "--d-model": ("model", "d_model", int, "width of the transformer"),
+    "--vocab-size": ("data", "vocab_size", int, "vocabulary size, specials included"),
     "--layers": ("model", "n_layers", int, "number of encoder layers"),
-    "--heads": ("model", "n_heads", int, "attention heads per layer"),
-    "--d-ff": ("model", "d_ff", int, "hidden width of the feed-forward block"),
-    "--dropout": ("model", "dropout", float, "dropout probability"),
-    "--pooling": ("model", "pooling", str, "mean, max or cls"),
-    "--bigram-buckets": ("model", "bigram_buckets", int, "rows of the hashed bigram table (0: none)"),
-    "--token-dropout": ("model", "token_dropout", float, "probability of hiding each token while training"),
     "--epochs": ("train", "epochs", int, "passes over the training set"),
     "--batch-size": ("train", "batch_size", int, "examples per optimizer step"),
     "--lr": ("train", "lr", float, "peak learning rate"),
     "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay"),
-    "--schedule": ("train", "schedule", str, "linear, cosine or constant (after warm-up)"),
-    "--patience": ("train", "early_stopping_patience", int, "stop after this many evaluations without gain"),
-    "--seed": ("train", "seed", int, "random seed"),
-    "--device": ("train", "device", str, "cpu, cuda or auto (default cpu)"),
-}
-
-
-# option -> (section of the fine-tuning config, key, type, help)
-FINETUNE_OPTIONS = {
-    "--data-dir": ("data", "data_dir", str, "IMDB folder (default: $TUNELAB_DATA_DIR, then the hub)"),
-    "--limit": ("data", "limit", int, "train on a class-balanced subset of this many reviews"),
-    "--test-limit": ("data", "test_limit", int, "evaluate on a class-balanced subset of the test split"),
-    "--max-length": ("data", "max_length", int, "tokens per review, [CLS]/[SEP] included (default 256)"),
-    "--truncation": ("data", "truncation", str, "head, tail or head+tail (default head+tail)"),
-    "--epochs": ("train", "epochs", int, "passes over the training set (default 2)"),
-    "--batch-size": ("train", "batch_size", int, "examples per optimizer step (default 16)"),
-    "--lr": ("train", "lr", float, "peak learning rate (default: the method's, 5e-5 for full)"),
-    "--weight-decay": ("train", "weight_decay", float, "AdamW weight decay"),
-    "--eval-every": ("train", "eval_every_steps", int, "also evaluate on validation every this many steps"),
     "--max-steps": ("train", "max_steps", int, "stop after this many steps (resume later with --resume)"),
     "--seed": ("train", "seed", int, "random seed"),
     "--device": ("train", "device", str, "cpu, cuda or auto (default cpu)"),
 }
+
+
+def command_options(shared: dict[str, str | None], own: dict | None = None) -> dict:
+    """The shared options a command takes, each with the command's default (or key) appended, then its own.
+
+    `shared` maps a shared option to a note for its help ("default 512"), None for none, or {"key": ...} where
+    the command stores the option under another key of its section (pretrain-mlm's --layers)."""
+    table = {}
+    for option, note in shared.items():
+        section, key, kind, text = SHARED_OPTIONS[option]
+        if isinstance(note, dict):
+            key, note = note["key"], note.get("note")
+        table[option] = (section, key, kind, f"{text} ({note})" if note else text)
+    return {**table, **(own or {})}
+
+
+TRAIN_OPTIONS = command_options(
+    {"--data-dir": None, "--limit": None, "--test-limit": None, "--max-length": "default 512", "--truncation": None,
+     "--vocab-size": "default 30000", "--layers": None, "--epochs": None, "--batch-size": None, "--lr": None,
+     "--weight-decay": None, "--seed": None, "--device": None},
+    {"--min-freq": ("data", "min_freq", int, "least count of a token to enter the vocabulary"),
+     "--d-model": ("model", "d_model", int, "width of the transformer"),
+     "--heads": ("model", "n_heads", int, "attention heads per layer"),
+     "--d-ff": ("model", "d_ff", int, "hidden width of the feed-forward block"),
+     "--dropout": ("model", "dropout", float, "dropout probability"),
+     "--pooling": ("model", "pooling", str, "mean, max or cls"),
+     "--bigram-buckets": ("model", "bigram_buckets", int, "rows of the hashed bigram table (0: none)"),
+     "--token-dropout": ("model", "token_dropout", float, "probability of hiding each token while training"),
+     "--schedule": ("train", "schedule", str, "linear, cosine or constant (after warm-up)"),
+     "--patience": ("train", "early_stopping_patience", int, "stop after this many evaluations without gain")})
+
+FINETUNE_OPTIONS = command_options(
+    {"--data-dir": None, "--limit": None, "--test-limit": None, "--max-length": "[CLS]/[SEP] included, default 256",
+     "--truncation": None, "--epochs": "default 2", "--batch-size": "default 16",
+     "--lr": "default: the method's, 5e-5 for full", "--weight-decay": None, "--max-steps": None, "--seed": None,
+     "--device": None},
+    {"--eval-every": ("train", "eval_every_steps", int, "also evaluate on validation every this many steps")})
+
+MLM_OPTIONS = command_options(
+    {"--data-dir": None, "--limit": "default: all 75,000 unsupervised + train", "--max-length":
+     "pieces per chunk, [CLS]/[SEP] included, default 128", "--vocab-size": "WordPiece, default 16000",
+     "--layers": {"key": "num_hidden_layers", "note": "default 4"}, "--epochs": "default 1",
+     "--batch-size": "default 64", "--lr": "default 5e-4", "--max-steps": None, "--seed": None, "--device": None},
+    {"--hidden-size": ("model", "hidden_size", int, "width of the encoder (default 256)"),
+     "--heads": ("model", "num_attention_heads", int, "attention heads (default 4)"),
+     "--intermediate-size": ("model", "intermediate_size", int, "feed-forward width (default 1024)")})
 
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-# option -> (section, key, type, help) of the method options of `tunelab finetune` (tunelab.tasks.methods)
+# option -> (section, key, type, help) of the method options of `tunelab finetune`; the key is a field of the
+# method's config (tunelab.tasks.methods), and the help names the methods that take it.
 METHOD_OPTIONS = {
-    "--r": ("method_options", "r", int, "lora/dora: rank of the update (default 8)"),
-    "--alpha": ("method_options", "alpha", float, "lora/dora: the update is scaled by alpha/r (default 16)"),
-    "--lora-dropout": ("method_options", "dropout", float, "lora/dora: dropout on the adapter input (default 0)"),
-    "--targets": ("method_options", "targets", _names, "lora/dora/ia3: comma-separated module-name suffixes "
+    "--r": ("method_options", "r", int, "rank of the update (default 8)"),
+    "--alpha": ("method_options", "alpha", float, "the update is scaled by alpha/r (default 16)"),
+    "--lora-dropout": ("method_options", "dropout", float, "dropout on the adapter input (default 0)"),
+    "--targets": ("method_options", "targets", _names, "comma-separated module-name suffixes "
                   "(default q_proj,v_proj for lora)"),
-    "--rslora": ("method_options", "use_rslora", bool, "lora/dora: scale by alpha/sqrt(r) (rank-stabilised)"),
-    "--reduction-factor": ("method_options", "reduction_factor", int, "adapters: width/bottleneck (default 16)"),
-    "--virtual-tokens": ("method_options", "num_virtual_tokens", int, "prompt/prefix: learned positions (default 20)"),
-    "--prompt-init": ("method_options", "init", str, "prompt: random, vocab or text"),
-    "--prompt-init-text": ("method_options", "init_text", str, "prompt: the text whose embeddings start the prompt"),
-    "--prefix-projection": ("method_options", "projection", bool, "prefix: learn the prefixes through an MLP"),
-    "--train-layers": ("method_options", "layers", int, "last-layers: how many top encoder layers train (default 2)"),
+    "--rslora": ("method_options", "use_rslora", bool, "scale by alpha/sqrt(r) (rank-stabilised)"),
+    "--reduction-factor": ("method_options", "reduction_factor", int, "width/bottleneck (default 16)"),
+    "--virtual-tokens": ("method_options", "num_virtual_tokens", int, "learned positions (default 20)"),
+    "--prompt-init": ("method_options", "init", str, "random, vocab or text"),
+    "--prompt-init-text": ("method_options", "init_text", str, "the text whose embeddings start the prompt"),
+    "--prefix-projection": ("method_options", "projection", bool, "learn the prefixes through an MLP"),
+    "--train-layers": ("method_options", "layers", int, "how many top encoder layers train (default 2)"),
 }
 
 
-# option -> (section of the MLM pretraining config, key, type, help)
-MLM_OPTIONS = {
-    "--data-dir": ("data", "data_dir", str, "IMDB folder (default: $TUNELAB_DATA_DIR, then the hub)"),
-    "--limit": ("data", "limit", int, "pretrain on this many reviews (default: all 75,000 unsupervised + train)"),
-    "--max-length": ("data", "max_length", int, "pieces per chunk, [CLS]/[SEP] included (default 128)"),
-    "--vocab-size": ("data", "vocab_size", int, "WordPiece vocabulary size (default 16000)"),
-    "--hidden-size": ("model", "hidden_size", int, "width of the encoder (default 256)"),
-    "--layers": ("model", "num_hidden_layers", int, "encoder layers (default 4)"),
-    "--heads": ("model", "num_attention_heads", int, "attention heads (default 4)"),
-    "--intermediate-size": ("model", "intermediate_size", int, "feed-forward width (default 1024)"),
-    "--epochs": ("train", "epochs", int, "passes over the chunks (default 1)"),
-    "--batch-size": ("train", "batch_size", int, "chunks per optimizer step (default 64)"),
-    "--lr": ("train", "lr", float, "peak learning rate (default 5e-4)"),
-    "--max-steps": ("train", "max_steps", int, "stop after this many steps (resume later with --resume)"),
-    "--seed": ("train", "seed", int, "random seed"),
-    "--device": ("train", "device", str, "cpu, cuda or auto (default cpu)"),
-}
+def methods_taking(key: str) -> list[str]:
+    """The fine-tuning methods whose config has the option `key`."""
+    return [name for name, method in METHODS.items() if key in method.options()]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,12 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     for option, (_, _, kind, text) in TRAIN_OPTIONS.items():
         train.add_argument(option, type=kind, help=text)
 
+    methods = "\n".join(f"  {name:17s} {method.summary}" for name, method in METHODS.items())
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on a task",
-                                   description="Fine-tune a pretrained BERT-family encoder and print test accuracy.")
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Fine-tune a pretrained BERT-family encoder and print test accuracy.",
+                                   epilog=f"methods (--method):\n{methods}")
     finetune.add_argument("task", choices=["imdb"], help="the task (imdb: sentiment of movie reviews)")
     finetune.add_argument("--model", default="minilm", help="minilm, a local Hugging Face BERT folder, or a hub id")
     finetune.add_argument("--method", default="full",
-                          help=f"how to fine-tune: {', '.join(METHODS)} (default full: every weight)")
+                          help=f"how to fine-tune: {', '.join(METHODS)} (default full: every weight; see below)")
     finetune.add_argument("--merge", action="store_true",
                           help="lora/dora: fold the update into the weights and save a full model folder")
     finetune.add_argument("--config", type=Path, help="YAML or JSON file with data/train sections")
@@ -141,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
     for option, (_, _, kind, text) in FINETUNE_OPTIONS.items():
         finetune.add_argument(option, type=kind, help=text)
-    for option, (_, _, kind, text) in METHOD_OPTIONS.items():
+    for option, (_, key, kind, text) in METHOD_OPTIONS.items():
+        text = f"{'/'.join(methods_taking(key))}: {text}"
         if kind is bool:
             finetune.add_argument(option, action="store_const", const=True, help=text)
         else:
@@ -245,7 +255,7 @@ def _pretrain_mlm(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from tunelab.tasks.imdb_classification import evaluate_run
+    from tunelab.tasks.runs import evaluate_run
 
     metrics = evaluate_run(args.run_dir, split=args.split, limit=args.limit, data_dir=args.data_dir)
     print(f"{args.split} accuracy: {metrics['accuracy']:.2%}  loss: {metrics['loss']:.4f}  "
@@ -253,7 +263,7 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from tunelab.tasks.imdb_classification import predict
+    from tunelab.tasks.runs import predict
 
     for text, result in zip(args.texts, predict(args.run_dir, args.texts)):
         print(f"{result['label']}\t{result['probability']:.3f}\t{text}")

@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from tests.core.bert_pairs import hf_and_ours, padded_batch
 from tunelab.core.bert import (
     BertConfig,
     BertForMaskedLM,
@@ -15,9 +16,6 @@ from tunelab.core.bert import (
     tunelab_to_hf_state_dict,
 )
 
-HF_CLASSES = {BertModel: transformers.BertModel,
-              BertForSequenceClassification: transformers.BertForSequenceClassification,
-              BertForMaskedLM: transformers.BertForMaskedLM}
 CONFIGS = [
     dict(),
     dict(num_attention_heads=2, num_hidden_layers=1, intermediate_size=64),
@@ -26,22 +24,13 @@ CONFIGS = [
 ]
 
 
+LENGTHS = (11, 7, 3, 11)
+
+
 def pair(cls, attn_impl="fused", **overrides):
-    """Our model and Hugging Face's with the same random weights (HF initialises, we load)."""
-    config = BertConfig.tiny(attn_impl=attn_impl, **overrides)
-    hf_config = transformers.BertConfig(**config.to_hf_dict())
-    hf = HF_CLASSES[cls](hf_config).eval()
-    ours = cls(config).eval()
-    assert load_hf_state_dict(ours, hf.state_dict()) == []  # every weight filled, none left at init
+    """Our model and Hugging Face's with the same random weights."""
+    hf, ours = hf_and_ours(cls, attn_impl=attn_impl, **overrides)
     return ours, hf
-
-
-def padded_batch(vocab_size=99, lengths=(11, 7, 3, 11)):
-    """(B, T) ids starting with a [CLS]-like token, right-padded with 0, and the mask."""
-    T = max(lengths)
-    ids = torch.randint(1, vocab_size, (len(lengths), T))
-    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def max_diff(a, b):
@@ -52,7 +41,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
 def test_hidden_states_and_pooled_output_match_hugging_face(overrides, attn_impl):
     ours, hf = pair(BertModel, attn_impl, **overrides)
-    ids, mask = padded_batch()
+    ids, mask = padded_batch(LENGTHS)
     with torch.no_grad():
         out = ours(ids, mask, output_hidden_states=True)
         ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -67,7 +56,7 @@ def test_hidden_states_and_pooled_output_match_hugging_face(overrides, attn_impl
 @pytest.mark.parametrize("overrides", CONFIGS)
 def test_classification_logits_match_hugging_face(overrides):
     ours, hf = pair(BertForSequenceClassification, **overrides)
-    ids, mask = padded_batch()
+    ids, mask = padded_batch(LENGTHS)
     with torch.no_grad():
         logits = ours(ids, mask)
         ref = hf(input_ids=ids, attention_mask=mask).logits
@@ -77,7 +66,7 @@ def test_classification_logits_match_hugging_face(overrides):
 
 def test_token_type_ids_are_used_like_hugging_face():
     ours, hf = pair(BertForSequenceClassification)
-    ids, mask = padded_batch()
+    ids, mask = padded_batch(LENGTHS)
     types = (torch.arange(ids.shape[1]) >= 4).long().expand_as(ids)
     with torch.no_grad():
         a, b = ours(ids, mask, types), hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
@@ -87,7 +76,7 @@ def test_token_type_ids_are_used_like_hugging_face():
 
 def test_masked_lm_logits_match_and_the_decoder_is_tied():
     ours, hf = pair(BertForMaskedLM)
-    ids, mask = padded_batch()
+    ids, mask = padded_batch(LENGTHS)
     with torch.no_grad():
         assert max_diff(ours(ids, mask), hf(input_ids=ids, attention_mask=mask).logits) <= 1e-5
         ours.bert.embeddings.word_embeddings.weight[5] += 1.0  # moving an input row moves its output row
@@ -98,7 +87,7 @@ def test_masked_lm_logits_match_and_the_decoder_is_tied():
 def test_one_training_step_gives_hugging_faces_loss_gradients_and_weights(cls):
     ours, hf = pair(cls)
     ours.train(), hf.train()  # dropout is 0 in the tiny config: train mode is deterministic
-    ids, mask = padded_batch()
+    ids, mask = padded_batch(LENGTHS)
     if cls is BertForSequenceClassification:
         labels = torch.tensor([0, 1, 1, 0])
     else:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from tunelab.core import checkpoint
+from tunelab.core import checkpoint, io
 from tunelab.core.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from tunelab.core.schedule import make_scheduler
 
@@ -196,12 +196,12 @@ def test_crash_between_the_renames_is_recovered(saved, monkeypatch):
             raise KeyboardInterrupt
         return original(src, dst)
 
-    original = checkpoint.os.replace
-    monkeypatch.setattr(checkpoint.os, "replace", rename_then_die)
+    original = io.os.replace  # checkpoints are swapped into place by tunelab.core.io.atomic_folder
+    monkeypatch.setattr(io.os, "replace", rename_then_die)
     changed, *_ = trained(Small(), steps=5)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, changed)
-    monkeypatch.setattr(checkpoint.os, "replace", original)
+    monkeypatch.setattr(io.os, "replace", original)
     assert not path.exists()
     restored = Small()
     load_checkpoint(path, restored)  # reads the checkpoint that was moved aside

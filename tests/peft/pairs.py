@@ -1,30 +1,7 @@
-"""What the PEFT parity tests share: our tiny BERT and Hugging Face's with the same weights, a padded batch,
-and the plain base model inside a peft model."""
+"""What the PEFT parity tests share besides tests/core/bert_pairs.py: the plain base model inside a peft model,
+and the names of what trains."""
 
-import torch
-import transformers
-
-from tunelab.core.bert import BertConfig, BertForSequenceClassification, BertModel, load_hf_state_dict
-
-HF_CLASSES = {BertForSequenceClassification: transformers.BertForSequenceClassification,
-              BertModel: transformers.BertModel}
-
-
-def hf_and_ours(cls=BertForSequenceClassification, **overrides):
-    """A tiny random Hugging Face BERT and ours with the same weights (HF initialises, we load)."""
-    config = BertConfig.tiny(**overrides)
-    hf = HF_CLASSES[cls](transformers.BertConfig(**config.to_hf_dict())).eval()
-    ours = cls(config).eval()
-    assert load_hf_state_dict(ours, hf.state_dict()) == []
-    return hf, ours
-
-
-def padded_batch(lengths=(9, 6, 3), vocab_size=99):
-    """(B, T) random ids right-padded with 0, and the (B, T) mask."""
-    T = max(lengths)
-    ids = torch.randint(1, vocab_size, (len(lengths), T))
-    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
-    return ids.masked_fill(mask == 0, 0), mask
+from tunelab.core.bert import BertConfig, BertForSequenceClassification, load_hf_state_dict
 
 
 def plain_hf(pm):

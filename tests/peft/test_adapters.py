@@ -6,6 +6,8 @@ hand, the trainable parameters are the adapters and the head (count = formula), 
 change exactly those and lower the loss.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from tests.peft.pairs import trainable_names
 from tests.peft.training_checks import assert_only_trainable_changed, batch, train_steps
 from tunelab.core.bert import BertConfig, BertForSequenceClassification
 from tunelab.core.classifier import ClassifierConfig, TransformerClassifier
-from tunelab.peft.adapters import AdapterConfig, BottleneckAdapter, adapter_parameters, apply_adapters
+from tunelab.peft.adapters import (AdapterConfig, BottleneckAdapter, adapter_parameters, apply_adapters, load_adapter,
+                                   save_adapter)
 from tunelab.peft.selective import count_parameters
 
 STYLES = ["houlsby", "pfeiffer"]
@@ -204,3 +207,31 @@ def test_minilm_with_houlsby_adapters_is_unchanged_at_init_and_trains_only_them(
     loss.backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_save_adapter_keeps_only_the_adapters_and_head_and_loads_them_back(style, tmp_path):
+    torch.manual_seed(0)
+    trained = apply_adapters(tiny_bert(), style=style, reduction_factor=4)
+    randomise_adapters(trained)
+    save_adapter(trained, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config == {"method": f"adapter-{style}", "peft_type": "TUNELAB"}
+    torch.manual_seed(1)
+    fresh = apply_adapters(tiny_bert(), style=style, reduction_factor=4)  # other random weights everywhere...
+    frozen = {k: v for k, v in trained.state_dict().items() if k not in trainable_names(trained)}
+    fresh.load_state_dict(frozen, strict=False)  # ... then the same frozen base: only the adapter file differs
+    load_adapter(fresh, tmp_path / "adapter")
+    ids, mask = torch.randint(1, 99, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids, mask), trained.eval()(ids, mask))
+
+
+def test_load_adapter_refuses_a_model_without_adapters_or_with_other_ones(tmp_path):
+    save_adapter(apply_adapters(tiny_bert(), style="houlsby", reduction_factor=4), tmp_path / "houlsby")
+    with pytest.raises(ValueError, match="no bottleneck adapters; call apply_adapters first"):
+        load_adapter(tiny_bert(), tmp_path / "houlsby")
+    with pytest.raises(ValueError, match=r"does not fit the model's trainable parameters.*: missing tensors \[\]"):
+        load_adapter(apply_adapters(tiny_bert(), style="pfeiffer", reduction_factor=4), tmp_path / "houlsby")
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_adapter(apply_adapters(tiny_bert(), style="houlsby", reduction_factor=2), tmp_path / "houlsby")

@@ -6,9 +6,10 @@ import torch
 import transformers
 
 from tests.conftest import NEEDS_MINILM, assert_close
-from tests.peft.pairs import hf_and_ours, padded_batch, plain_hf, plain_ours
+from tests.core.bert_pairs import hf_and_ours, padded_batch
+from tests.peft.pairs import plain_hf, plain_ours
 from tunelab.core.bert import BertConfig, BertModel
-from tunelab.peft.ia3 import IA3Config, IA3Linear, apply_ia3, ia3_layers, load_ia3_adapter, merge_ia3, save_ia3_adapter
+from tunelab.peft.ia3 import IA3Config, IA3Linear, apply_ia3, ia3_layers, load_adapter, merge_ia3, save_adapter
 
 # peft's BERT default ("key", "value", "output.dense") also matches attention.output.dense; these regexes adapt
 # exactly our default targets: key, value and the feed-forward down-projection, whose input is scaled.
@@ -114,7 +115,7 @@ def test_merged_equals_unmerged_and_merging_twice_is_refused():
         with pytest.raises(ValueError, match="this IA3Linear is already merged"):
             layer.merge()
         with pytest.raises(ValueError, match=r"IA3 layers \['bert.layers.1.attn.k_proj'\] are merged"):
-            save_ia3_adapter(ours, "unused")
+            save_adapter(ours, "unused")
     _, ours = peft_and_ours()
     with torch.no_grad():
         unmerged = ours(ids, mask)
@@ -129,7 +130,7 @@ def test_merged_equals_unmerged_and_merging_twice_is_refused():
 
 def test_our_saved_adapter_loads_in_peft_and_reproduces_our_logits(tmp_path):
     pm, ours = peft_and_ours()
-    save_ia3_adapter(ours, tmp_path / "adapter")
+    save_adapter(ours, tmp_path / "adapter")
     loaded = peft.PeftModel.from_pretrained(plain_hf(pm), tmp_path / "adapter").eval()
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -142,9 +143,9 @@ def test_a_peft_saved_adapter_loads_in_ours(tmp_path):
     ids, mask = padded_batch()
     with torch.no_grad():
         expected = pm(input_ids=ids, attention_mask=mask).logits
-        fresh = load_ia3_adapter(plain_ours(pm), tmp_path / "adapter")  # adapted from the file's contents
+        fresh = load_adapter(plain_ours(pm), tmp_path / "adapter")  # adapted from the file's contents
         assert_close(fresh(ids, mask), expected)
-        adapted = load_ia3_adapter(apply_ia3(plain_ours(pm)), tmp_path / "adapter")  # adapted first
+        adapted = load_adapter(apply_ia3(plain_ours(pm)), tmp_path / "adapter")  # adapted first
         assert_close(adapted(ids, mask), expected)
     assert [layer.feedforward for layer in ia3_layers(fresh).values()] == [False, False, True] * 2
 
@@ -157,7 +158,7 @@ def test_pefts_default_bert_targets_load_in_ours_too(tmp_path):
             if p.requires_grad:
                 p.add_(0.2 * torch.randn_like(p))
     pm.save_pretrained(tmp_path / "adapter")
-    ours = load_ia3_adapter(plain_ours(pm), tmp_path / "adapter")
+    ours = load_adapter(plain_ours(pm), tmp_path / "adapter")
     assert len(ia3_layers(ours)) == 4 * 2
     # peft's feedforward_modules ["output.dense"] also matches attention.output.dense: its input is scaled too
     assert {n.split(".", 3)[3] for n, layer in ia3_layers(ours).items() if layer.feedforward} == \
@@ -193,15 +194,15 @@ def test_regex_targets_and_models_without_a_head():
 
 def test_loading_into_a_differently_adapted_model_is_refused(tmp_path):
     _, ours = peft_and_ours()
-    save_ia3_adapter(ours, tmp_path / "adapter")
+    save_adapter(ours, tmp_path / "adapter")
     _, other = hf_and_ours()
     apply_ia3(other, targets=("q_proj",), feedforward=())
     with pytest.raises(ValueError, match=r"adapts \['bert.layers.0.attn.k_proj', .* this model's IA3 layers are "
                                          r"\['bert.layers.0.attn.q_proj'"):
-        load_ia3_adapter(other, tmp_path / "adapter")
+        load_adapter(other, tmp_path / "adapter")
     merge_ia3(ours)
     with pytest.raises(ValueError, match="this model has no IA3 layers to save"):
-        save_ia3_adapter(ours, tmp_path / "again")
+        save_adapter(ours, tmp_path / "again")
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from tests.conftest import NEEDS_MINILM, assert_close
-from tests.peft.pairs import hf_and_ours, padded_batch, trainable_names
+from tests.core.bert_pairs import hf_and_ours, padded_batch
+from tests.peft.pairs import trainable_names
 from tunelab.core.bert import (BertConfig, BertForMaskedLM, BertForSequenceClassification, hf_module_names)
 from tunelab.peft.inject import ModulesToSave
 from tunelab.peft.lora import (DoRAAdapter, LoRAConfig, LoRALinear, apply_lora, load_adapter, lora_layers,

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from tests.conftest import NEEDS_MINILM, assert_close
-from tests.peft.pairs import hf_and_ours, padded_batch, plain_hf, plain_ours
+from tests.core.bert_pairs import hf_and_ours, padded_batch
+from tests.peft.pairs import plain_hf, plain_ours
 from tunelab.core.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 from tunelab.peft.prompt import (
     apply_prefix_tuning,
     apply_prompt_tuning,
-    load_prompt_adapter,
-    save_prompt_adapter,
+    load_adapter,
+    save_adapter,
 )
 
 P = 5  # virtual tokens
@@ -109,7 +110,7 @@ def test_prefix_parameter_count_is_the_formula():
 @pytest.mark.parametrize("method,peft_kwargs,ours_kwargs", METHODS, ids=IDS)
 def test_our_saved_adapter_loads_in_peft_and_reproduces_our_logits(method, peft_kwargs, ours_kwargs, tmp_path):
     pm, wrapper = peft_and_ours(method, peft_kwargs, ours_kwargs)
-    save_prompt_adapter(wrapper, tmp_path / "adapter")
+    save_adapter(wrapper, tmp_path / "adapter")
     ids, mask = padded_batch()
     loaded = peft.PeftModel.from_pretrained(plain_hf(pm), tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -124,7 +125,7 @@ def test_a_peft_saved_adapter_loads_in_ours(method, tmp_path):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     pm.save_pretrained(tmp_path / "adapter")
-    wrapper = load_prompt_adapter(apply_ours(method, plain_ours(pm)).eval(), tmp_path / "adapter")
+    wrapper = load_adapter(apply_ours(method, plain_ours(pm)).eval(), tmp_path / "adapter")
     ids, mask = padded_batch()
     with torch.no_grad():
         assert_close(wrapper(ids, mask), pm(input_ids=ids, attention_mask=mask).logits)
@@ -132,11 +133,11 @@ def test_a_peft_saved_adapter_loads_in_ours(method, tmp_path):
 
 def test_a_projected_prefix_is_saved_projected_and_loads_without_the_projection(tmp_path):
     pm, wrapper = peft_and_ours("prefix", *PROJECTION)
-    save_prompt_adapter(wrapper, tmp_path / "adapter")
+    save_adapter(wrapper, tmp_path / "adapter")
     with pytest.raises(ValueError, match="cannot be inverted: load this adapter into a wrapper built with "
                                          "projection=False"):
-        load_prompt_adapter(wrapper, tmp_path / "adapter")
-    fixed = load_prompt_adapter(apply_prefix_tuning(plain_ours(pm), num_virtual_tokens=P).eval(),
+        load_adapter(wrapper, tmp_path / "adapter")
+    fixed = load_adapter(apply_prefix_tuning(plain_ours(pm), num_virtual_tokens=P).eval(),
                                 tmp_path / "adapter")
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -247,14 +248,14 @@ def test_bad_prompt_inputs_are_refused_with_the_models_messages():
 
 def test_loading_a_mismatched_adapter_is_refused(tmp_path):
     wrapper = apply_prompt_tuning(BertForSequenceClassification(BertConfig.tiny()), num_virtual_tokens=P)
-    save_prompt_adapter(wrapper, tmp_path / "prompt")
+    save_adapter(wrapper, tmp_path / "prompt")
     other = apply_prompt_tuning(BertForSequenceClassification(BertConfig.tiny()), num_virtual_tokens=P + 1)
     with pytest.raises(ValueError, match=r"prompt_embeddings in .* has shape \(5, 32\), the model expects \(6, 32\)"):
-        load_prompt_adapter(other, tmp_path / "prompt")
+        load_adapter(other, tmp_path / "prompt")
     prefix = apply_prefix_tuning(BertForSequenceClassification(BertConfig.tiny()), num_virtual_tokens=P)
     with pytest.raises(ValueError, match=r"holds a PROMPT_TUNING adapter; expected one of \['PREFIX_TUNING'\]"):
-        load_prompt_adapter(prefix, tmp_path / "prompt")
+        load_adapter(prefix, tmp_path / "prompt")
     headless = apply_prompt_tuning(BertForSequenceClassification(BertConfig.tiny()), num_virtual_tokens=P,
                                    modules_to_save=())
     with pytest.raises(ValueError, match=r"unexpected tensors \['base_model.classifier.bias', "):
-        load_prompt_adapter(headless, tmp_path / "prompt")
+        load_adapter(headless, tmp_path / "prompt")

@@ -9,11 +9,14 @@ from tests.peft.pairs import trainable_names
 from tests.peft.training_checks import assert_only_trainable_changed, train_steps
 from tunelab.core.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from tunelab.core.classifier import ClassifierConfig, TransformerClassifier
+from tunelab.core.io import read_safetensors
 from tunelab.peft.selective import (
     ParameterCount,
     apply_bitfit,
     count_parameters,
     freeze,
+    load_adapter,
+    save_adapter,
     train_last_layers,
     unfreeze,
 )
@@ -153,3 +156,22 @@ def test_train_last_layers_refuses_k_outside_the_layer_count(k):
 def test_train_last_layers_refuses_a_model_without_a_layer_stack():
     with pytest.raises(ValueError, match="expected one nn.ModuleList named 'layers', found none"):
         train_last_layers(torch.nn.Sequential(torch.nn.Linear(3, 3)), 1, modules_to_save=())
+
+
+def test_save_adapter_writes_what_trains_and_load_adapter_refuses_another_selection(tmp_path):
+    torch.manual_seed(0)
+    trained = apply_bitfit(tiny_bert())
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    folder = save_adapter(trained, tmp_path / "bitfit", "bitfit")
+    assert set(read_safetensors(folder / "adapter_model.safetensors")) == trainable_names(trained)
+    fresh = tiny_bert()
+    fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if not k.endswith("bias")}, strict=False)
+    load_adapter(apply_bitfit(fresh), folder)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
+    with pytest.raises(ValueError, match=r"trainable parameters \(it holds a bitfit adapter\): missing tensors"):
+        load_adapter(train_last_layers(tiny_bert(), 1), folder)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        save_adapter(freeze(tiny_bert()), tmp_path / "nothing")

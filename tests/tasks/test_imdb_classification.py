@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from tunelab.core.train import TrainConfig
-from tunelab.tasks.imdb_classification import (
-    DataConfig,
-    ImdbRunConfig,
-    encode_examples,
-    evaluate_run,
-    load_run,
-    predict,
-    run_imdb_classification,
-)
+from tunelab.tasks.imdb_classification import DataConfig, ImdbRunConfig, encode_examples, run_imdb_classification
+from tunelab.tasks.runs import evaluate_run, load_run, predict
 
 SMALL_MODEL = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.1)
 

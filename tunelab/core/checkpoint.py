@@ -10,23 +10,20 @@ A checkpoint is a folder:
     state.json             everything else: optimizer param_groups and scalar state, scheduler state,
                            Python and NumPy RNG states, the caller's trainer state, and the size and
                            sha256 of every file above
-It is first written into a hidden sibling folder, then renamed into place, so a crash mid-write leaves
-the previous checkpoint untouched.
+It is first written into a hidden sibling folder, then renamed into place (`tunelab.core.io.atomic_folder`),
+so a crash mid-write leaves the previous checkpoint untouched.
 """
 
-import hashlib
 import json
-import os
 import random
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from tunelab.core.io import atomic_folder, file_digest, read_safetensors, recover_folder, write_bytes, \
+    write_safetensors
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -54,15 +51,11 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, trai
             just those, so the model must be rebuilt with the same frozen weights first (the pretrained ones).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path, clean=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
-    try:
+    with atomic_folder(path, replace=True) as tmp:
         state = {"format": FORMAT, "version": VERSION, "trainer": trainer_state or {}, "files": {},
                  "trainable_only": trainable_only}
         tensors, aliases = _dedupe_shared(_state_dict(model, trainable_only))
-        state["files"][MODEL_FILE] = _write_tensors(tmp / MODEL_FILE, tensors, {"format": "pt", **aliases})
+        state["files"][MODEL_FILE] = _write_tensors(tmp / MODEL_FILE, tensors, aliases)
         if optimizer is not None:
             tensors, state["optimizer"] = _split_optimizer_state(optimizer.state_dict())
             state["files"][OPTIMIZER_FILE] = _write_tensors(tmp / OPTIMIZER_FILE, tensors)
@@ -72,11 +65,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, trai
             tensors, state["rng"] = _capture_rng()
             state["files"][RNG_FILE] = _write_tensors(tmp / RNG_FILE, tensors)
         # state.json is written last: its checksums vouch for the files already on disk.
-        _write_bytes(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_bytes(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
     return path
 
 
@@ -87,7 +76,7 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, schedu
     Every file is checked against the size and sha256 recorded in state.json before anything is loaded,
     so a truncated or altered checkpoint raises `CheckpointError` naming the file and the problem.
     """
-    path = _recover(Path(path), clean=False)
+    path = recover_folder(path)
     state = _read_state(path)
     if model is not None:
         _load_weights(model, path / MODEL_FILE, state.get("trainable_only", False))
@@ -118,7 +107,7 @@ def load_model_weights(model: nn.Module, path) -> nn.Module:
     """
     path = Path(path)
     if path.is_dir() or not path.name.endswith(".safetensors"):
-        path = _recover(path, clean=False) / MODEL_FILE
+        path = recover_folder(path) / MODEL_FILE
     state_file, trainable_only = path.parent / STATE_FILE, False
     if state_file.is_file():
         state = _read_json(state_file)
@@ -186,72 +175,25 @@ def _verify_file(file: Path, expected: dict) -> None:
     if size != expected["bytes"]:
         raise CheckpointError(f"{file} has {size} bytes but {STATE_FILE} records {expected['bytes']}: "
                               "the file is truncated or was replaced")
-    digest = _sha256(file)
+    digest = file_digest(file)["sha256"]
     if digest != expected["sha256"]:
         raise CheckpointError(f"{file} fails its sha256 check (got {digest[:12]}..., expected "
                               f"{expected['sha256'][:12]}...): the file was altered or corrupted")
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_tensors(file: Path) -> tuple[dict, dict]:
     if not file.is_file():
         raise CheckpointError(f"missing file {file}")
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types for bad headers and sizes
-        raise CheckpointError(f"{file} is not a readable safetensors file ({error}); "
-                              "it is truncated or corrupted") from error
+        return read_safetensors(file, with_metadata=True)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def _write_tensors(file: Path, tensors: dict, metadata: dict | None = None) -> dict:
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    _write_bytes(file, data)
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _write_bytes(file: Path, data: bytes) -> None:
-    with open(file, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Replace `path` by `tmp`. A folder cannot be renamed over a non-empty one, so the old checkpoint
-    is first moved aside to `.<name>.old`; `_recover` restores it if we die between the two renames."""
-    backup = path.with_name(f".{path.name}.old")
-    if path.exists():
-        os.replace(path, backup)
-    os.replace(tmp, path)
-    shutil.rmtree(backup, ignore_errors=True)
-    if hasattr(os, "O_DIRECTORY"):  # make the renames durable (POSIX only)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _recover(path: Path, clean: bool) -> Path:
-    """Where the good checkpoint for `path` is after a crash; with `clean`, also tidy up (writer only)."""
-    backup = path.with_name(f".{path.name}.old")
-    if backup.is_dir() and not path.exists():  # died between the two renames of _swap_into_place
-        if not clean:
-            return backup
-        os.replace(backup, path)
-    if clean:
-        shutil.rmtree(backup, ignore_errors=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # folders of writes that never finished
-            shutil.rmtree(stale, ignore_errors=True)
-    return path
+    """Write tensors and return the size and sha256 that state.json records for the file."""
+    write_safetensors(file, tensors, metadata)
+    return file_digest(file)
 
 
 def _dedupe_shared(state_dict: dict) -> tuple[dict, dict]:

@@ -10,19 +10,14 @@ is refused) and tokenizer.json. Tokenization uses the model's own tokenizer.json
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 
-import safetensors.torch
 import tokenizers
-from safetensors import SafetensorError
-from torch import Tensor, nn
+from torch import nn
 
 from tunelab.core.bert import (
     BertConfig,
@@ -32,6 +27,7 @@ from tunelab.core.bert import (
     load_hf_state_dict,
     tunelab_to_hf_state_dict,
 )
+from tunelab.core.io import atomic_folder, read_safetensors, write_safetensors
 
 TASKS = {"base": BertModel, "classification": BertForSequenceClassification, "mlm": BertForMaskedLM}
 ARCHITECTURES = {BertModel: "BertModel", BertForSequenceClassification: "BertForSequenceClassification",
@@ -167,7 +163,8 @@ def load_pretrained(name_or_path: str | Path, task: str = "base", num_labels: in
 def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: WordPieceTokenizer | None = None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer) that Hugging Face's from_pretrained loads.
 
-    Written into a hidden sibling folder first and renamed into place, so a crash leaves no half folder.
+    Written into a hidden sibling folder first and renamed into place (`io.atomic_folder`), so a crash leaves no
+    half folder.
     """
     if type(model) not in ARCHITECTURES:
         raise TypeError(f"save_pretrained handles {sorted(c.__name__ for c in ARCHITECTURES)}, "
@@ -179,46 +176,3 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: WordPieceTo
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(folder)
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str | Path):
-    """Yield a hidden sibling folder to write into; on success its files move into `folder`, all at once
-    for a new folder, file by file (each an atomic rename) for an existing one, whose other files stay.
-    On an error the partial files are deleted and `folder` is untouched."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if folder.exists():
-            for item in tmp.iterdir():
-                os.replace(item, folder / item.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def write_safetensors(file: Path, tensors: dict[str, Tensor]) -> None:
-    """safetensors file of contiguous CPU tensors, readable by everyone (save_file makes it owner-only)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    safetensors.torch.save_file(tensors, str(file), metadata={"format": "pt"})
-    os.chmod(file, 0o644)
-
-
-def read_safetensors(file: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file. Pickles next to it (*.bin) are named and never loaded; a corrupt
-    file is a ValueError naming it."""
-    file = Path(file)
-    if not file.is_file():
-        pickled = [p.name for p in file.parent.glob("*.bin")]
-        hint = f" (found {pickled}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
-        raise FileNotFoundError(f"{file.parent} has no {file.name}{hint}")
-    try:
-        return safetensors.torch.load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{file} is not a readable safetensors file ({error})") from error

@@ -16,10 +16,12 @@ adapter is the identity and the model computes exactly its pretrained function.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from torch import Tensor, nn
 
 from tunelab.core.layers import ACTIVATIONS, EncoderLayer
+from tunelab.peft.saving import load_trained, save_trained
 from tunelab.peft.selective import find_modules, freeze, unfreeze_modules
 
 STYLES = ("houlsby", "pfeiffer")
@@ -151,6 +153,25 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """{name: parameter} of every adapter in `model` (what an adapter checkpoint holds besides the head)."""
     return {f"{name}.{leaf}": p for name, module in model.named_modules() if isinstance(module, BottleneckAdapter)
             for leaf, p in module.named_parameters()}
+
+
+def adapter_style(model: nn.Module) -> str:
+    """"houlsby" or "pfeiffer": where the adapters of `model` sit (after attention too, or only after the FFN)."""
+    places = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, WithAdapter)}
+    if not places:
+        raise ValueError("this model has no bottleneck adapters; call apply_adapters first")
+    return "houlsby" if "dropout1" in places else "pfeiffer"
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> Path:
+    """Write the adapters and the head that trains with them (peft has no such method: our tensor names)."""
+    return save_trained(model, folder, f"adapter-{adapter_style(model)}")
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load what `save_adapter` wrote into `model`, to which `apply_adapters` gave the same adapters."""
+    adapter_style(model)  # a model without adapters is refused by name, not by a list of missing tensors
+    return load_trained(model, folder)
 
 
 def _with_overrides(config: AdapterConfig, overrides: dict) -> AdapterConfig:

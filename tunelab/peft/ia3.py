@@ -151,7 +151,7 @@ def merge_ia3(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------
 # peft's on-disk layout: base_model.model.<HF path>.ia3_l, (out, 1) or (1, in) for feed-forward layers.
 # ---------------------------------------------------------------------------------------------------
-def save_ia3_adapter(model: nn.Module, folder: str | Path) -> Path:
+def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     """Write the IA3 vectors and the trained copies of the modules_to_save in peft's layout."""
     layers = ia3_layers(model)
     if not layers:
@@ -177,8 +177,8 @@ def save_ia3_adapter(model: nn.Module, folder: str | Path) -> Path:
     return write_adapter(folder, config, tensors)
 
 
-def load_ia3_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Load an IA3 adapter saved by peft or by `save_ia3_adapter` into `model` (in place); return it.
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load an IA3 adapter saved by peft or by `save_adapter` into `model` (in place); return it.
 
     A model without IA3 layers is first adapted with the layers the file names (feed-forward ones taken
     from its feedforward_modules, as peft matches them); an adapted model must have exactly those layers.

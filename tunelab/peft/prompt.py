@@ -12,7 +12,7 @@ https://arxiv.org/abs/2101.00190) gives every layer's attention P learned keys a
 
 optionally produced by a small MLP from P x C vectors (the paper's reparametrisation, eq. 5:
 P_theta = MLP(P'_theta)), which trains more stably. Both follow Hugging Face peft exactly, so adapters
-move between peft and TuneLab (`save_prompt_adapter` / `load_prompt_adapter`): the prompt's positions
+move between peft and TuneLab (`save_adapter` / `load_adapter`): the prompt's positions
 come first, so BERT's pooler reads the first virtual token, as in peft.
 """
 
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from tunelab.core.bert import BertForMaskedLM, BertForSequenceClassification, BertModel, check_inputs
 from tunelab.peft.inject import ModulesToSave, add_modules_to_save, saved_module_tensors
-from tunelab.peft.saving import peft_key, read_adapter, to_hf_path, write_adapter
+from tunelab.peft.saving import check_fit, peft_key, read_adapter, to_hf_path, write_adapter
 
 ADAPTER_NAME = "default"  # peft's name for a single adapter; it never appears in the saved file
 PROMPT_INITS = ("random", "vocab", "text")
@@ -274,7 +274,7 @@ def _head_tensors(wrapper, peft_type: str) -> dict[str, Tensor]:
     return out
 
 
-def save_prompt_adapter(wrapper: PromptTuning | PrefixTuning, folder: str | Path) -> Path:
+def save_adapter(wrapper: PromptTuning | PrefixTuning, folder: str | Path) -> Path:
     """Write the prompt (or the projected prefix, as peft does) and the trained heads in peft's layout."""
     peft_type = _peft_type(wrapper)
     with torch.no_grad():
@@ -285,8 +285,8 @@ def save_prompt_adapter(wrapper: PromptTuning | PrefixTuning, folder: str | Path
     return write_adapter(folder, _peft_config(wrapper), tensors)
 
 
-def load_prompt_adapter(wrapper: PromptTuning | PrefixTuning, folder: str | Path) -> PromptTuning | PrefixTuning:
-    """Load a prompt/prefix adapter saved by peft or by `save_prompt_adapter` into `wrapper` (in place).
+def load_adapter(wrapper: PromptTuning | PrefixTuning, folder: str | Path) -> PromptTuning | PrefixTuning:
+    """Load a prompt/prefix adapter saved by peft or by `save_adapter` into `wrapper` (in place).
 
     peft saves a prefix after the projection MLP, and the MLP's input cannot be recovered from its output,
     so a projected adapter loads into a wrapper built with projection=False (it computes the same).
@@ -305,14 +305,7 @@ def load_prompt_adapter(wrapper: PromptTuning | PrefixTuning, folder: str | Path
                          f"{tuple(target.shape)} (num_virtual_tokens={config.get('num_virtual_tokens')} in the file, "
                          f"{wrapper.config.num_virtual_tokens} here)")
     expected = _head_tensors(wrapper, peft_type)  # views of our trained copies, under peft's names
-    unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-    if unexpected or missing:
-        raise ValueError(f"{folder} does not fit this model's modules_to_save {list(wrapper.saved_modules)}: "
-                         f"unexpected tensors {unexpected}, missing tensors {missing}")
-    shapes = [f"{k}: file {tuple(t.shape)} vs model {tuple(expected[k].shape)}" for k, t in tensors.items()
-              if t.shape != expected[k].shape]
-    if shapes:
-        raise ValueError(f"shape mismatches in {folder}: {', '.join(shapes)}")
+    check_fit(tensors, expected, f"this model's modules_to_save {list(wrapper.saved_modules)}", folder)
     with torch.no_grad():
         target.copy_(prompt)
         for key, tensor in tensors.items():

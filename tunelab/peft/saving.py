@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from tunelab.core.bert import hf_module_names
-from tunelab.core.hub import atomic_folder, read_safetensors, write_safetensors
+from tunelab.core.io import atomic_folder, read_safetensors, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -82,3 +82,41 @@ def read_adapter(folder: str | Path, expected_types: tuple[str, ...] | None = No
     if expected_types is not None and peft_type not in expected_types:
         raise ValueError(f"{folder} holds a {peft_type} adapter; expected one of {list(expected_types)}")
     return config, read_safetensors(folder / ADAPTER_WEIGHTS)
+
+
+# Adapter folders of the methods peft does not have (bottleneck adapters, BitFit, last layers): the tensors that
+# train, under our own parameter names, with peft_type TUNELAB and the method's name in adapter_config.json.
+OURS = "TUNELAB"
+
+
+def save_trained(model: nn.Module, folder: str | Path, method: str) -> Path:
+    """Write every parameter of `model` that trains (requires_grad) under its own name; `method` names the
+    method in adapter_config.json, for whoever reads the folder."""
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trained:
+        raise ValueError(f"this model has no trainable parameters to save as a {method} adapter")
+    return write_adapter(folder, {"peft_type": OURS, "method": method}, trained)
+
+
+def check_fit(tensors: dict[str, Tensor], expected: dict[str, Tensor], what: str, folder: str | Path) -> None:
+    """Refuse an adapter file whose `tensors` are not exactly the `expected` names with their shapes: `what`
+    says what they should be ("the model's trainable parameters"); the error lists every difference."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not fit {what}: missing tensors {missing}, unexpected tensors {unexpected}")
+    shapes = [f"{k}: file {tuple(t.shape)} vs model {tuple(expected[k].shape)}" for k, t in tensors.items()
+              if t.shape != expected[k].shape]
+    if shapes:
+        raise ValueError(f"shape mismatches in {folder}: {', '.join(shapes)}")
+
+
+def load_trained(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Copy what `save_trained` wrote into the trainable parameters of `model`, prepared the same way (same
+    method, same options): the file must hold exactly those tensors, with their shapes, or nothing is loaded."""
+    config, tensors = read_adapter(folder, expected_types=(OURS,))
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    check_fit(tensors, trained, f"the model's trainable parameters (it holds a {config.get('method')} adapter)",
+              folder)
+    for name, p in trained.items():
+        p.data.copy_(tensors[name])
+    return model

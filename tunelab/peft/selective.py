@@ -4,17 +4,20 @@ No new parameters are added; a method only decides which existing tensors get gr
 - `freeze` / `unfreeze`: everything off / on (a linear probe is `freeze` plus a trainable head);
 - BitFit (Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199): only the bias terms;
 - `train_last_layers`: the top k encoder layers and what sits above them.
-`count_parameters` reports the result the way peft's `print_trainable_parameters` does.
+`count_parameters` reports the result the way peft's `print_trainable_parameters` does, and
+`save_adapter` / `load_adapter` keep only what trained.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from tunelab.peft.inject import matches
+from tunelab.peft.saving import load_trained, save_trained
 
 # Modules that sit between the top encoder layer and the head: BERT's [CLS] pooler and the final
 # LayerNorm of a pre-norm stack. Training the last k layers while freezing these would fix the very
@@ -123,6 +126,25 @@ def train_last_layers(model: nn.Module, k: int, modules_to_save: Sequence[str] =
             unfreeze(module)
     unfreeze_modules(model, modules_to_save)
     return model
+
+
+@dataclass
+class LastLayersConfig:
+    """`train_last_layers`' one option. layers: how many of the top layers train (with the head above them)."""
+
+    layers: int = 2
+
+
+def save_adapter(model: nn.Module, folder: str | Path, method: str = "selective") -> Path:
+    """Write the parameters that train (the biases, or the top layers, and the head) under their own names;
+    `method` ("bitfit", "last-layers") is recorded in adapter_config.json for whoever reads the folder."""
+    return save_trained(model, folder, method)
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load what `save_adapter` wrote into `model`, on which the same selection was made first (e.g.
+    `apply_bitfit`): the file must hold exactly the parameters that train, or nothing is loaded."""
+    return load_trained(model, folder)
 
 
 @dataclass(frozen=True)

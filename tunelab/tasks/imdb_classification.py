@@ -4,7 +4,7 @@ load IMDB -> carve a validation split from train -> build a vocabulary on the tr
 -> tokenize once -> train with length-bucketed batches -> pick the best epoch on validation ->
 report test accuracy. Everything a later `evaluate` or `predict` needs is saved in the run folder:
 
-    RUN_DIR/run.json             data, model and training settings
+    RUN_DIR/run.json             {"task": "imdb-classification", data, model and training settings}
     RUN_DIR/vocab.json           the vocabulary (`tunelab.core.text.Vocab`)
     RUN_DIR/metrics.jsonl        one JSON record per log/eval step
     RUN_DIR/curves.png           loss and accuracy curves
@@ -14,9 +14,8 @@ report test accuracy. Everything a later `evaluate` or `predict` needs is saved 
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,9 +25,11 @@ from tunelab.core.classifier import ClassifierConfig, TransformerClassifier
 from tunelab.core.collate import ClassificationCollator, LengthBucketSampler, truncate
 from tunelab.core.data import load_imdb, train_validation_split
 from tunelab.core.text import Vocab, basic_english, build_vocab
-from tunelab.core.train import TrainConfig, evaluate, train_model
+from tunelab.core.train import TrainConfig, train_model
+from tunelab.tasks import runs
+from tunelab.tasks.runs import known_settings
 
-LABELS = ("negative", "positive")
+TASK = "imdb-classification"
 
 # The defaults of `tunelab train imdb` and of benchmarks/imdb_scratch.py: a narrow one-layer
 # transformer that reads whole reviews overfits IMDB less than a deep one and trains in minutes.
@@ -76,11 +77,12 @@ class ImdbRunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEFAULT_TRAIN))
 
     def to_dict(self) -> dict:
-        return {"data": asdict(self.data), "model": dict(self.model), "train": self.train.to_dict()}
+        return {"task": TASK, "data": asdict(self.data), "model": dict(self.model), "train": self.train.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "ImdbRunConfig":
         """Build from {"data": {...}, "model": {...}, "train": {...}} over the defaults; unknown keys raise."""
+        values = {k: v for k, v in values.items() if k != "task"}
         unknown = sorted(set(values) - {"data", "model", "train"})
         if unknown:
             raise ValueError(f"unknown config sections {unknown}; expected 'data', 'model' and 'train'")
@@ -89,15 +91,6 @@ class ImdbRunConfig:
             model={**DEFAULT_MODEL, **values.get("model", {})},
             train=TrainConfig(**{**DEFAULT_TRAIN, **known_settings(TrainConfig, values.get("train", {}), "train")}),
         )
-
-
-def known_settings(cls, values: dict, section: str) -> dict:
-    """`values` if every key is a field of the dataclass `cls`, else a ValueError naming the unknown ones."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {section} settings {unknown}; known: {sorted(names)}")
-    return values
 
 
 def tokenize(texts, vocab: Vocab, max_length: int, truncation: str) -> list[list[int]]:
@@ -131,32 +124,21 @@ def run_imdb_classification(config: ImdbRunConfig, out_dir: str | Path) -> dict:
     lengths = [len(e["input_ids"]) for e in train_examples]
     sampler = LengthBucketSampler(lengths, config.train.batch_size, seed=config.train.seed)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_record(out_dir, {**config.to_dict(), "model": model_config.to_dict()})
     vocab.save(out_dir / "vocab.json")
-    run_record = {**config.to_dict(), "model": model_config.to_dict()}
-    run_record["train"]["out_dir"] = str(out_dir)
-    (out_dir / "run.json").write_text(json.dumps(run_record, indent=2))
 
     train_config = TrainConfig(**{**asdict(config.train), "out_dir": out_dir})
     result = train_model(model, train_examples, val_examples, collate_fn=collate, config=train_config,
                          batch_sampler=sampler)
     train_seconds = time.time() - start
-    if (out_dir / "checkpoints" / "best").exists():
-        load_model_weights(model, out_dir / "checkpoints" / "best")
+    runs.load_best(model, out_dir)
 
     test_set = load_imdb("test", data.data_dir, limit=data.test_limit, seed=data.seed)
     test_examples = encode_examples(test_set, vocab, data.max_length, data.truncation)
-    test = evaluate(model, test_examples, collate_fn=collate, batch_size=train_config.eval_batch_size or 128,
-                    device=train_config.device, progress=train_config.progress, sort_by_length=True)
-    results = {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": test["n"],
-        "best_validation": result.best_metric, "best_step": result.best_step, "steps": result.steps,
-        "train_examples": len(train_examples), "validation_examples": len(val_examples),
-        "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(vocab),
-        "train_seconds": round(train_seconds, 1), "completed": result.completed,
-    }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+    figures = {"train_examples": len(train_examples), "validation_examples": len(val_examples),
+               "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(vocab),
+               "train_seconds": round(train_seconds, 1)}
+    return runs.finish_run(model, out_dir, result, train_config, test_examples, collate, figures, eval_batch_size=128)
 
 
 @dataclass
@@ -174,20 +156,13 @@ class ClassifierRun:
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> ClassifierRun:
-    """Rebuild the model of a run folder and load its best (else last) weights.
-
-    Runs of `tunelab finetune` are handed to `tunelab.tasks.imdb_finetune.load_run`, whose result has
-    the same `model`, `data`, `collate` and `encode`, so `evaluate_run` and `predict` serve both.
-    """
+    """Rebuild the model of a from-scratch run folder and load its best (else last) weights.
+    `tunelab.tasks.runs.load_run` calls this for runs of this task, and loads any other kind of run too."""
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a TuneLab run folder: it has no run.json "
-                                "(make one with `tunelab train imdb --out DIR`)")
-    record = json.loads((run_dir / "run.json").read_text())
-    if record.get("task") == "imdb-finetune":  # a fine-tuned pretrained encoder: its own loader
-        from tunelab.tasks.imdb_finetune import load_run as load_finetune_run
-
-        return load_finetune_run(run_dir, device)
+    record = runs.read_record(run_dir)
+    if record["task"] != TASK:
+        raise ValueError(f"{run_dir} is an {record['task']} run, not a from-scratch classifier; "
+                         "load it with tunelab.tasks.runs.load_run")
     data = DataConfig(**record["data"])
     vocab = Vocab.load(run_dir / "vocab.json")
     model = TransformerClassifier(ClassifierConfig.from_dict(record["model"]))
@@ -199,24 +174,4 @@ def load_run(run_dir: str | Path, device: str | None = None) -> ClassifierRun:
     return ClassifierRun(model, vocab, data, collate)
 
 
-def evaluate_run(run_dir, split: str = "test", limit: int | None = None, data_dir: str | None = None,
-                 batch_size: int = 128, device: str | None = None, progress: bool = True) -> dict:
-    """Accuracy and loss of a saved run on an IMDB split ("test", or "train" for a sanity check)."""
-    run = load_run(run_dir, device)
-    dataset = load_imdb(split, data_dir or run.data.data_dir, limit=limit, seed=run.data.seed)
-    examples = [{**x, "label": y} for x, y in zip(run.encode(dataset["text"]), dataset["label"])]
-    return evaluate(run.model, examples, collate_fn=run.collate, batch_size=batch_size, device=device,
-                    progress=progress, sort_by_length=True)
-
-
-@torch.no_grad()
-def predict(run_dir, texts: list[str], device: str | None = None) -> list[dict]:
-    """Sentiment of each text: {"label": "positive"|"negative", "probability": p of that label}."""
-    if isinstance(texts, str):
-        texts = [texts]
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError("predict() needs one or more non-empty review texts")
-    run = load_run(run_dir, device)
-    batch = run.collate(run.encode(texts))
-    probs = torch.softmax(run.model(**{k: v.to(device or "cpu") for k, v in batch.items()}), dim=-1)  # (B, 2)
-    return [{"label": LABELS[int(p.argmax())], "probability": float(p.max())} for p in probs]
+runs.register(TASK, load_run)

@@ -14,25 +14,22 @@ best evaluation on validation -> test accuracy. The run folder:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from tunelab.core.checkpoint import load_model_weights
 from tunelab.core.collate import ClassificationCollator, LengthBucketSampler, truncate
 from tunelab.core.data import load_imdb, train_validation_split
 from tunelab.core.hub import WordPieceTokenizer, load_pretrained, save_pretrained
-from tunelab.core.train import TrainConfig, evaluate, train_model
+from tunelab.core.train import TrainConfig, train_model
 from tunelab.peft.selective import count_parameters
-from tunelab.tasks.imdb_classification import known_settings
-from tunelab.tasks.methods import (DEFAULT_LR, MERGEABLE, METHODS, adapter_bytes, apply_method, merge_method,
-                                   method_config, rebuild_method, save_method)
+from tunelab.tasks import runs
+from tunelab.tasks.methods import adapter_bytes, apply_method, get_method, merge_method, rebuild_method, save_method
+from tunelab.tasks.runs import known_settings
 
 TASK = "imdb-finetune"
-LABELS = ("negative", "positive")
 # The setting of `tunelab finetune imdb` and benchmarks/imdb_finetune.py: BERT's fine-tuning recipe
 # (Devlin et al. 2019, appendix A.3: batch 16-32, lr 2e-5..5e-5, 2-4 epochs, linear decay after warm-up).
 DEFAULT_TRAIN = dict(epochs=2, batch_size=16, lr=5e-5, weight_decay=0.01, warmup=0.06, schedule="linear",
@@ -78,11 +75,15 @@ class FinetuneRunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**DEFAULT_TRAIN))
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown fine-tuning method {self.method!r}; available: {list(METHODS)}")
-        method_config(self.method, self.method_options)  # unknown or bad options fail here, before any work
-        if self.merge and self.method not in ("lora", "dora"):
+        method = get_method(self.method)  # an unknown method fails here, before any work
+        method.make_config(self.method_options)  # ... and so do unknown or bad options
+        if self.merge and not method.mergeable:
             raise ValueError(f"merge folds a LoRA/DoRA update into the weights; method {self.method!r} has none")
+
+    @property
+    def saves_whole_model(self) -> bool:
+        """Full fine-tuning and merged runs save a Hugging Face model folder; the other methods an adapter."""
+        return self.merge or get_method(self.method).save is None
 
     def to_dict(self) -> dict:
         return {"task": TASK, "model": str(self.model), "method": self.method,
@@ -98,7 +99,7 @@ class FinetuneRunConfig:
         return cls(model=values.get("model", "minilm"), method=values.get("method", "full"),
                    method_options=dict(values.get("method_options", {})), merge=bool(values.get("merge", False)),
                    data=FinetuneData(**data), model_overrides=dict(values.get("model_overrides", {})),
-                   train=TrainConfig(**{**DEFAULT_TRAIN, "lr": DEFAULT_LR.get(values.get("method", "full"), 5e-5),
+                   train=TrainConfig(**{**DEFAULT_TRAIN, "lr": get_method(values.get("method", "full")).lr,
                                         **train}))
 
 
@@ -141,10 +142,7 @@ def run_imdb_finetune(config: FinetuneRunConfig, out_dir: str | Path) -> dict:
     sampler = LengthBucketSampler([len(e["input_ids"]) for e in train_examples], config.train.batch_size,
                                   seed=config.train.seed)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = config.to_dict()
-    record["train"]["out_dir"] = str(out_dir)
-    (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    runs.write_record(out_dir, config.to_dict())
     train_config = TrainConfig(**{**asdict(config.train), "out_dir": out_dir})
     trained = apply_method(model, config.method, config.method_options, tokenizer)  # what train_model sees
     counts = count_parameters(trained)
@@ -152,32 +150,23 @@ def run_imdb_finetune(config: FinetuneRunConfig, out_dir: str | Path) -> dict:
                          batch_sampler=sampler)
     # Wall time of training and validation, earlier invocations of a resumed run included.
     train_seconds = result.history[-1]["time"] if result.history else time.time() - start
-    if (out_dir / "checkpoints" / "best").exists():
-        load_model_weights(trained, out_dir / "checkpoints" / "best")
+    runs.load_best(trained, out_dir)
     saved_bytes = None
-    if config.method == "full" or config.merge:
+    if config.saves_whole_model:
         if config.merge:
             trained = merge_method(trained, config.method)
         save_pretrained(trained, out_dir, tokenizer)  # the best weights, loadable by transformers
     else:
-        saved_bytes = adapter_bytes(save_method(trained, config.method, config.method_options, out_dir / "adapter"))
+        saved_bytes = adapter_bytes(save_method(trained, config.method, out_dir / "adapter"))
         tokenizer.save(out_dir)
         trained = for_inference(trained, config.method)
 
     test_examples = labelled(tokenizer, load_imdb("test", data.data_dir, limit=data.test_limit, seed=data.seed), data)
-    test = evaluate(trained, test_examples, collate_fn=collate, batch_size=train_config.eval_batch_size or 64,
-                    device=train_config.device, progress=train_config.progress, sort_by_length=True)
-    results = {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": test["n"],
-        "best_validation": result.best_metric, "best_step": result.best_step, "steps": result.steps,
-        "train_examples": len(train_examples), "validation_examples": len(val_examples),
-        "parameters": counts.total, "trainable_parameters": counts.trainable,
-        "trainable_percent": counts.percent, "adapter_bytes": saved_bytes,
-        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1),
-        "completed": result.completed,
-    }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
+    figures = {"train_examples": len(train_examples), "validation_examples": len(val_examples),
+               "parameters": counts.total, "trainable_parameters": counts.trainable,
+               "trainable_percent": counts.percent, "adapter_bytes": saved_bytes,
+               "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - start, 1)}
+    return runs.finish_run(trained, out_dir, result, train_config, test_examples, collate, figures)
 
 
 @dataclass
@@ -199,7 +188,7 @@ def for_inference(model: torch.nn.Module, method: str) -> torch.nn.Module:
     that inference costs what the pretrained model's does (MiniLM with LoRA r=5 on all six linear layers of each
     block: a forward at batch 32 x 256 took 0.77x the unmerged time); equal to the unmerged output up to float
     rounding."""
-    return merge_method(model, method) if method in MERGEABLE else model
+    return merge_method(model, method) if get_method(method).mergeable else model
 
 
 def load_run(run_dir: str | Path, device: str | None = None, merge: bool = True) -> FinetuneRun:
@@ -207,8 +196,8 @@ def load_run(run_dir: str | Path, device: str | None = None, merge: bool = True)
     run's tokenizer and data settings. A LoRA or DoRA adapter comes merged into the weights (`for_inference`)
     unless `merge=False`, which keeps its layers, e.g. to look at them or to merge by hand."""
     run_dir = Path(run_dir)
-    config = FinetuneRunConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
-    if config.method == "full" or config.merge:
+    config = FinetuneRunConfig.from_dict(runs.read_record(run_dir))
+    if config.saves_whole_model:
         if not (run_dir / "model.safetensors").is_file():
             raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run did not finish training")
         model, tokenizer = load_pretrained(run_dir, task="classification")
@@ -223,3 +212,6 @@ def load_run(run_dir: str | Path, device: str | None = None, merge: bool = True)
         tokenizer = WordPieceTokenizer.from_file(run_dir / "tokenizer.json")
     model.to(device or "cpu").eval()
     return FinetuneRun(model, tokenizer, config.data, make_collator(tokenizer, config.data))
+
+
+runs.register(TASK, load_run)

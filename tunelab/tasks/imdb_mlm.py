@@ -22,13 +22,13 @@ import torch
 from tokenizers import processors
 
 from tunelab.core.bert import BertConfig, BertForMaskedLM
-from tunelab.core.checkpoint import load_model_weights
 from tunelab.core.collate import MaskedLMCollator
 from tunelab.core.data import load_imdb
-from tunelab.core.hub import WordPieceTokenizer, save_pretrained
+from tunelab.core.hub import WordPieceTokenizer, load_pretrained, save_pretrained
 from tunelab.core.text import train_tokenizer
 from tunelab.core.train import TrainConfig, evaluate, train_model
-from tunelab.tasks.imdb_classification import known_settings
+from tunelab.tasks import runs
+from tunelab.tasks.runs import known_settings
 
 TASK = "imdb-mlm"
 # A BERT-mini-sized encoder (Turc et al. 2019, "Well-Read Students Learn Better": L4 H256) that a CPU can
@@ -155,15 +155,11 @@ def run_imdb_mlm(config: MlmRunConfig, out_dir: str | Path) -> dict:
     train_collate = MaskedLMCollator(**options)
     val_collate = MaskedLMCollator(**options, seed=data.seed)  # the same masks at every evaluation
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {**config.to_dict(), "model": asdict(model_config)}
-    record["train"]["out_dir"] = str(out_dir)
-    (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    runs.write_record(out_dir, {**config.to_dict(), "model": asdict(model_config)})
     train_config = TrainConfig(**{**asdict(config.train), "out_dir": out_dir})
     result = train_model(model, train_chunks, val_chunks, collate_fn=train_collate, config=train_config,
                          eval_collate_fn=val_collate)
-    if (out_dir / "checkpoints" / "best").exists():
-        load_model_weights(model, out_dir / "checkpoints" / "best")
+    runs.load_best(model, out_dir)
     save_pretrained(model, out_dir, tokenizer)
     final = evaluate(model, val_chunks, collate_fn=val_collate, batch_size=train_config.eval_batch_size or 128)
     results = {"val_mlm_loss": final["loss"], "val_mlm_accuracy": final["accuracy"], "val_masked_tokens": final["n"],
@@ -175,3 +171,24 @@ def run_imdb_mlm(config: MlmRunConfig, out_dir: str | Path) -> dict:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
+
+@dataclass
+class MlmRun:
+    """A saved MLM run loaded back: the BertForMaskedLM (best weights, eval mode), its tokenizer, data settings."""
+
+    model: BertForMaskedLM
+    tokenizer: WordPieceTokenizer
+    data: MlmData
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> MlmRun:
+    """The masked language model a run saved (a Hugging Face BertForMaskedLM folder), with its tokenizer."""
+    record = runs.read_record(run_dir)
+    if not (Path(run_dir) / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run_dir} has no model.safetensors: the run did not finish training")
+    model, tokenizer = load_pretrained(run_dir, task="mlm")
+    return MlmRun(model.to(device or "cpu").eval(), tokenizer, MlmData(**record["data"]))
+
+
+runs.register(TASK, load_run, labels=None,
+              hint="fine-tune it into one with `tunelab finetune imdb --model RUN_DIR`")

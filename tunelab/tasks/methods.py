@@ -1,4 +1,5 @@
-"""The fine-tuning methods of `tunelab finetune`: how each is put on a pretrained BERT, saved, and loaded back.
+"""The fine-tuning methods of `tunelab finetune`, one record each: how a method is put on a pretrained model,
+what it trains, how it is saved and loaded back.
 
     full               every weight trains                         saved as a Hugging Face model folder
     lora, dora         low-rank updates of chosen Linear layers    peft adapter folder (or --merge: a full folder)
@@ -9,131 +10,160 @@
     bitfit             biases only (+ the new head)                the trained tensors, under our names
     last-layers        the top k encoder layers (+ the new head)   the trained tensors, under our names
 
+`METHODS` is the one table: the CLI's --help, `tunelab finetune`, `tunelab evaluate` and the benchmarks read it.
 A method's options (rank, targets, number of virtual tokens ...) are the fields of its config dataclass in
-tunelab.peft; `apply_method` refuses unknown ones by name. Every PEFT checkpoint holds only what was trained
-(and the new classification head); loading one rebuilds the pretrained model and applies the method first.
+tunelab.peft; `method_config` refuses unknown ones by name. Every PEFT adapter holds only what was trained (and
+the new classification head); loading one rebuilds the pretrained model and applies the method first.
+Adding a method is one `Method(...)` line below, plus its module in tunelab.peft and its tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from torch import nn
 
 from tunelab.peft import adapters, ia3, lora, prompt, selective
-from tunelab.peft.saving import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, write_adapter
+from tunelab.peft.saving import ADAPTER_WEIGHTS
 
-METHODS = ("full", "lora", "dora", "adapter-houlsby", "adapter-pfeiffer", "prompt", "prefix", "ia3", "bitfit",
-           "last-layers")
-# Methods whose options are a config dataclass's fields, and what those options fix for the method.
-CONFIGS = {"lora": (lora.LoRAConfig, {"use_dora": False}), "dora": (lora.LoRAConfig, {"use_dora": True}),
-           "adapter-houlsby": (adapters.AdapterConfig, {"style": "houlsby"}),
-           "adapter-pfeiffer": (adapters.AdapterConfig, {"style": "pfeiffer"}),
-           "prompt": (prompt.PromptTuningConfig, {}), "prefix": (prompt.PrefixTuningConfig, {}),
-           "ia3": (ia3.IA3Config, {})}
-OTHER_OPTIONS = {"full": (), "bitfit": (), "last-layers": ("layers",)}
-MERGEABLE = ("lora", "dora")
-# Peak learning rates when none is given. Methods that train few parameters from a zero or identity start
-# want larger steps than full fine-tuning's 5e-5 (Devlin et al. 2019): LoRA 4e-4..5e-4 on RoBERTa-base GLUE
-# over 30-80 epochs (Hu et al. 2021, table 9), doubled here for a 2-epoch budget (one epoch on 2,000 IMDB
-# reviews: 5e-4 reached 70.5%, 2e-3 82.8%, full fine-tuning 82.9%); adapters 1e-4..1e-3 (Houlsby et al.
-# 2019); BitFit 1e-4..1e-3 (Ben Zaken et al. 2021); IA3 3e-3 (Liu et al. 2022); prompt tuning 0.3 with
-# Adafactor (Lester et al. 2021), about 3e-2 with AdamW on small models; prefix tuning 5e-5..8e-5 with its
-# MLP (Li & Liang 2021), 1e-2 without one.
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "adapter-houlsby": 1e-3, "adapter-pfeiffer": 1e-3,
-              "prompt": 3e-2, "prefix": 1e-2, "ia3": 3e-3, "bitfit": 1e-3, "last-layers": 1e-4}
-OURS = "TUNELAB"  # peft_type of the adapter folders of methods peft does not have
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method.
+
+    Args:
+        name: what `--method` says.
+        summary: one line for `tunelab finetune --help`.
+        lr: peak learning rate when none is given (see the sources below the table).
+        apply: (model, config, tokenizer) -> the module to train; freezes what stays fixed, adds what trains.
+        config: the dataclass of the method's options (None: the method takes none).
+        fixed: config fields the method fixes (dora is LoRA with use_dora=True).
+        save, load: (model, folder) -> folder / model: the method module's `save_adapter` / `load_adapter`.
+            None for full fine-tuning, which saves the whole model as a Hugging Face folder.
+        mergeable: the update folds into the weights (`merge`), leaving the plain pretrained architecture.
+        saved_config: the options a saved adapter is rebuilt with, when they differ from the training ones.
+    """
+
+    name: str
+    summary: str
+    lr: float
+    apply: Callable
+    config: type | None = None
+    fixed: dict = field(default_factory=dict)
+    save: Callable | None = None
+    load: Callable | None = None
+    mergeable: bool = False
+    saved_config: Callable | None = None
+
+    def options(self) -> list[str]:
+        """The option names this method takes (its config's fields, minus the fixed ones)."""
+        return [] if self.config is None else [f.name for f in fields(self.config) if f.name not in self.fixed]
+
+    def make_config(self, options: dict):
+        """The method's config dataclass built from `options` (None for a method without options)."""
+        known = self.options()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {self.name} options {unknown}; known: {sorted(known) or 'none'}")
+        if self.config is None:
+            return None
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return self.config(**values, **self.fixed)
+
+
+def _save_selective(method: str) -> Callable:
+    return lambda model, folder: selective.save_adapter(model, folder, method)
+
+
+# Peak learning rates. Methods that train few parameters from a zero or identity start want larger steps than
+# full fine-tuning's 5e-5 (Devlin et al. 2019): LoRA 4e-4..5e-4 on RoBERTa-base GLUE over 30-80 epochs (Hu et al.
+# 2021, table 9), doubled here for a 2-epoch budget; adapters 1e-4..1e-3 (Houlsby et al. 2019); BitFit 1e-4..1e-3
+# (Ben Zaken et al. 2021); IA3 3e-3 (Liu et al. 2022); prompt tuning 0.3 with Adafactor (Lester et al. 2021),
+# about 3e-2 with AdamW on small models; prefix tuning 5e-5..8e-5 with its MLP (Li & Liang 2021), 1e-2 without.
+_TABLE = (
+    Method("full", "every weight trains", 5e-5, apply=lambda model, config, tokenizer: model),
+    Method("lora", "low-rank updates B A of chosen Linear layers (Hu et al. 2021)", 1e-3,
+           apply=lambda model, config, tokenizer: lora.apply_lora(model, config), config=lora.LoRAConfig,
+           fixed={"use_dora": False}, save=lora.save_adapter, load=lora.load_adapter, mergeable=True),
+    Method("dora", "LoRA on the direction, a learned magnitude per output (Liu et al. 2024)", 1e-3,
+           apply=lambda model, config, tokenizer: lora.apply_lora(model, config), config=lora.LoRAConfig,
+           fixed={"use_dora": True}, save=lora.save_adapter, load=lora.load_adapter, mergeable=True),
+    Method("adapter-houlsby", "bottleneck adapters after attention and feed-forward (Houlsby et al. 2019)", 1e-3,
+           apply=lambda model, config, tokenizer: adapters.apply_adapters(model, config),
+           config=adapters.AdapterConfig, fixed={"style": "houlsby"}, save=adapters.save_adapter,
+           load=adapters.load_adapter),
+    Method("adapter-pfeiffer", "bottleneck adapters after the feed-forward only (Pfeiffer et al. 2020)", 1e-3,
+           apply=lambda model, config, tokenizer: adapters.apply_adapters(model, config),
+           config=adapters.AdapterConfig, fixed={"style": "pfeiffer"}, save=adapters.save_adapter,
+           load=adapters.load_adapter),
+    Method("prompt", "learned virtual tokens before the input (Lester et al. 2021)", 3e-2,
+           apply=lambda model, config, tokenizer: prompt.apply_prompt_tuning(model, config, tokenizer=tokenizer),
+           config=prompt.PromptTuningConfig, save=prompt.save_adapter, load=prompt.load_adapter),
+    # peft saves a prefix after its MLP, which cannot be inverted: the saved prefix is rebuilt without one.
+    Method("prefix", "learned keys and values prepended in every layer (Li & Liang 2021)", 1e-2,
+           apply=lambda model, config, tokenizer: prompt.apply_prefix_tuning(model, config),
+           config=prompt.PrefixTuningConfig, save=prompt.save_adapter, load=prompt.load_adapter,
+           saved_config=lambda config: replace(config, projection=False)),
+    Method("ia3", "learned scaling of keys, values and feed-forward input (Liu et al. 2022)", 3e-3,
+           apply=lambda model, config, tokenizer: ia3.apply_ia3(model, config), config=ia3.IA3Config,
+           save=ia3.save_adapter, load=ia3.load_adapter),
+    Method("bitfit", "the biases and the new head (Ben Zaken et al. 2021)", 1e-3,
+           apply=lambda model, config, tokenizer: selective.apply_bitfit(model), save=_save_selective("bitfit"),
+           load=selective.load_adapter),
+    Method("last-layers", "the top k encoder layers and the new head", 1e-4,
+           apply=lambda model, config, tokenizer: selective.train_last_layers(model, config.layers),
+           config=selective.LastLayersConfig, save=_save_selective("last-layers"), load=selective.load_adapter),
+)
+METHODS: dict[str, Method] = {method.name: method for method in _TABLE}
+
+
+def get_method(name: str) -> Method:
+    """The record of method `name`; an unknown name is refused with the list of methods."""
+    if name not in METHODS:
+        raise ValueError(f"unknown fine-tuning method {name!r}; available: {list(METHODS)}")
+    return METHODS[name]
 
 
 def method_config(method: str, options: dict):
-    """The config dataclass of `method` built from `options` (None for full, bitfit, last-layers)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown fine-tuning method {method!r}; available: {list(METHODS)}")
-    if method not in CONFIGS:
-        unknown = sorted(set(options) - set(OTHER_OPTIONS[method]))
-        if unknown:
-            raise ValueError(f"unknown {method} options {unknown}; known: {list(OTHER_OPTIONS[method])}")
-        return None
-    cls, fixed = CONFIGS[method]
-    known = {f.name for f in fields(cls)} - set(fixed)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown {method} options {unknown}; known: {sorted(known)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return cls(**values, **fixed)
+    """The config dataclass of `method` built from `options` (None for a method without options)."""
+    return get_method(method).make_config(options)
 
 
 def apply_method(model: nn.Module, method: str, options: dict, tokenizer=None) -> nn.Module:
     """Prepare a pretrained classifier for `method`: freeze what stays fixed, add what trains.
     Returns the module to train (the prompt methods wrap the model; the others change it in place)."""
-    config = method_config(method, options)
-    if method == "full":
-        return model
-    if method in ("lora", "dora"):
-        return lora.apply_lora(model, config)
-    if method.startswith("adapter-"):
-        return adapters.apply_adapters(model, config)
-    if method == "prompt":
-        return prompt.apply_prompt_tuning(model, config, tokenizer=tokenizer)
-    if method == "prefix":
-        return prompt.apply_prefix_tuning(model, config)
-    if method == "ia3":
-        return ia3.apply_ia3(model, config)
-    if method == "bitfit":
-        return selective.apply_bitfit(model)
-    return selective.train_last_layers(model, options.get("layers", 2))
+    record = get_method(method)
+    return record.apply(model, record.make_config(options), tokenizer)
 
 
-def save_method(model: nn.Module, method: str, options: dict, folder: str | Path) -> Path:
+def save_method(model: nn.Module, method: str, folder: str | Path) -> Path:
     """Write what `method` trained to `folder`: peft's layout where peft has the method, else our tensors."""
-    if method in ("lora", "dora"):
-        return lora.save_adapter(model, folder)
-    if method == "ia3":
-        return ia3.save_ia3_adapter(model, folder)
-    if method in ("prompt", "prefix"):
-        return prompt.save_prompt_adapter(model, folder)
-    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return write_adapter(folder, {"peft_type": OURS, "method": method, "options": options}, trained)
-
-
-def load_method(model: nn.Module, method: str, folder: str | Path) -> nn.Module:
-    """Load what `save_method` wrote into `model`, to which `apply_method` was applied (same method, options)."""
-    if method in ("lora", "dora"):
-        return lora.load_adapter(model, folder)
-    if method == "ia3":
-        return ia3.load_ia3_adapter(model, folder)
-    if method in ("prompt", "prefix"):
-        return prompt.load_prompt_adapter(model, folder)
-    config, tensors = read_adapter(folder, expected_types=(OURS,))
-    if config.get("method") != method:
-        raise ValueError(f"{Path(folder) / ADAPTER_CONFIG} holds a {config.get('method')!r} adapter, not {method!r}")
-    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(trained) - set(tensors)), sorted(set(tensors) - set(trained))
-    if missing or unexpected:
-        raise ValueError(f"the {method} adapter in {folder} does not fit the model: missing {missing}, "
-                         f"unexpected {unexpected}")
-    for name, p in trained.items():
-        if p.shape != tensors[name].shape:
-            raise ValueError(f"{name}: the adapter holds shape {tuple(tensors[name].shape)}, "
-                             f"the model {tuple(p.shape)}")
-        p.data.copy_(tensors[name])
-    return model
+    record = get_method(method)
+    if record.save is None:
+        raise ValueError(f"{method} fine-tuning saves the whole model (save_pretrained), not an adapter")
+    return record.save(model, folder)
 
 
 def rebuild_method(model: nn.Module, method: str, options: dict, folder: str | Path, tokenizer=None) -> nn.Module:
-    """`apply_method` then `load_method`: a pretrained model with a saved run's adapter, ready for inference.
-    A prefix trained through its MLP is saved after the MLP (as peft saves it), so it is rebuilt without one."""
-    if method == "prefix":
-        options = {**options, "projection": False}
-    return load_method(apply_method(model, method, options, tokenizer), method, folder)
+    """A pretrained model with a saved run's adapter, ready for inference: `apply_method`, then the method's
+    `load` fills in what was trained."""
+    record = get_method(method)
+    config = record.make_config(options)
+    if record.saved_config is not None:
+        config = record.saved_config(config)
+    if record.load is None:
+        raise ValueError(f"{method} fine-tuning saves the whole model; load it with load_pretrained")
+    return record.load(record.apply(model, config, tokenizer), folder)
 
 
 def merge_method(model: nn.Module, method: str) -> nn.Module:
     """The plain pretrained architecture with the learned update folded into its weights (LoRA, DoRA)."""
-    if method not in MERGEABLE:
+    if not get_method(method).mergeable:
+        mergeable = [name for name, record in METHODS.items() if record.mergeable]
         raise ValueError(f"--merge folds low-rank updates into the weights; {method!r} has none to fold "
-                         f"(mergeable: {list(MERGEABLE)})")
+                         f"(mergeable: {mergeable})")
     return lora.unload_lora(model, merge=True)
 
 
