@@ -119,55 +119,51 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def add_run_command(commands, name: str, options: dict, out: str, sections: str, task_help: str, **parser_kwargs):
+    """A sub-command that trains a run: the task, --config, --out, --resume, --quiet, then its `options`."""
+    command = commands.add_parser(name, **parser_kwargs)
+    command.add_argument("task", choices=["imdb"], help=task_help)
+    command.add_argument("--config", type=Path, help=f"YAML or JSON file with {sections} sections")
+    command.add_argument("--out", type=Path, default=Path(out), help=f"run folder (default {out})")
+    command.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    command.add_argument("--quiet", action="store_true", help="no progress bars")
+    for option, (_, _, kind, text) in options.items():
+        if kind is bool:
+            command.add_argument(option, action="store_const", const=True, help=text)
+        else:
+            command.add_argument(option, type=kind, help=text)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tunelab", description="Fine-tuning, taught by building every piece by hand.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    reviews = "the task (imdb: sentiment of movie reviews)"
 
-    train = commands.add_parser("train", help="train a model on a task",
-                                description="Train the from-scratch transformer classifier and print test accuracy.")
-    train.add_argument("task", choices=["imdb"], help="the task (imdb: sentiment of movie reviews)")
-    train.add_argument("--config", type=Path, help="YAML or JSON file with data/model/train sections")
-    train.add_argument("--out", type=Path, default=Path("runs/imdb"), help="run folder (default runs/imdb)")
-    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    for option, (_, _, kind, text) in TRAIN_OPTIONS.items():
-        train.add_argument(option, type=kind, help=text)
+    add_run_command(commands, "train", TRAIN_OPTIONS, "runs/imdb", "data/model/train", reviews,
+                    help="train a model on a task",
+                    description="Train the from-scratch transformer classifier and print test accuracy.")
 
     methods = "\n".join(f"  {name:17s} {method.summary}" for name, method in METHODS.items())
-    finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on a task",
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   description="Fine-tune a pretrained BERT-family encoder and print test accuracy.",
-                                   epilog=f"methods (--method):\n{methods}")
-    finetune.add_argument("task", choices=["imdb"], help="the task (imdb: sentiment of movie reviews)")
+    method_options = {option: (section, key, kind, f"{'/'.join(methods_taking(key))}: {text}")
+                      for option, (section, key, kind, text) in METHOD_OPTIONS.items()}
+    finetune = add_run_command(commands, "finetune", {**FINETUNE_OPTIONS, **method_options}, "runs/finetune",
+                               "data/train", reviews, help="fine-tune a pretrained encoder on a task",
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               description="Fine-tune a pretrained BERT-family encoder and print test accuracy.",
+                               epilog=f"methods (--method):\n{methods}")
     finetune.add_argument("--model", default="minilm", help="minilm, a local Hugging Face BERT folder, or a hub id")
     finetune.add_argument("--method", default="full",
                           help=f"how to fine-tune: {', '.join(METHODS)} (default full: every weight; see below)")
     finetune.add_argument("--merge", action="store_true",
                           help="lora/dora: fold the update into the weights and save a full model folder")
-    finetune.add_argument("--config", type=Path, help="YAML or JSON file with data/train sections")
-    finetune.add_argument("--out", type=Path, default=Path("runs/finetune"), help="run folder (default runs/finetune)")
-    finetune.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    finetune.add_argument("--quiet", action="store_true", help="no progress bars")
-    for option, (_, _, kind, text) in FINETUNE_OPTIONS.items():
-        finetune.add_argument(option, type=kind, help=text)
-    for option, (_, key, kind, text) in METHOD_OPTIONS.items():
-        text = f"{'/'.join(methods_taking(key))}: {text}"
-        if kind is bool:
-            finetune.add_argument(option, action="store_const", const=True, help=text)
-        else:
-            finetune.add_argument(option, type=kind, help=text)
 
-    mlm = commands.add_parser("pretrain-mlm", help="pretrain a small BERT with masked language modelling",
-                              description="Pretrain a BERT from scratch on IMDB text (never the test split) by "
-                                          "masked language modelling; the run folder is a Hugging Face model "
-                                          "that `tunelab finetune imdb --model RUN_DIR` fine-tunes.")
-    mlm.add_argument("task", choices=["imdb"], help="the corpus (imdb: unsupervised + train reviews)")
-    mlm.add_argument("--config", type=Path, help="YAML or JSON file with data/model/train sections")
-    mlm.add_argument("--out", type=Path, default=Path("runs/mlm"), help="run folder (default runs/mlm)")
-    mlm.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    mlm.add_argument("--quiet", action="store_true", help="no progress bars")
-    for option, (_, _, kind, text) in MLM_OPTIONS.items():
-        mlm.add_argument(option, type=kind, help=text)
+    add_run_command(commands, "pretrain-mlm", MLM_OPTIONS, "runs/mlm", "data/model/train",
+                    "the corpus (imdb: unsupervised + train reviews)",
+                    help="pretrain a small BERT with masked language modelling",
+                    description="Pretrain a BERT from scratch on IMDB text (never the test split) by masked language "
+                                "modelling; the run folder is a Hugging Face model that `tunelab finetune imdb "
+                                "--model RUN_DIR` fine-tunes.")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved run",
                                    description="Accuracy of a saved run on an IMDB split.")

@@ -27,7 +27,7 @@ from tunelab.core.data import load_imdb, train_validation_split
 from tunelab.core.text import Vocab, basic_english, build_vocab
 from tunelab.core.train import TrainConfig, train_model
 from tunelab.tasks import runs
-from tunelab.tasks.runs import known_settings
+from tunelab.tasks.runs import config_sections
 
 TASK = "imdb-classification"
 
@@ -82,14 +82,11 @@ class ImdbRunConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ImdbRunConfig":
         """Build from {"data": {...}, "model": {...}, "train": {...}} over the defaults; unknown keys raise."""
-        values = {k: v for k, v in values.items() if k != "task"}
-        unknown = sorted(set(values) - {"data", "model", "train"})
-        if unknown:
-            raise ValueError(f"unknown config sections {unknown}; expected 'data', 'model' and 'train'")
+        sections = config_sections(values, {"data": DataConfig, "model": ClassifierConfig, "train": TrainConfig})
         return cls(
-            data=DataConfig(**known_settings(DataConfig, values.get("data", {}), "data")),
-            model={**DEFAULT_MODEL, **values.get("model", {})},
-            train=TrainConfig(**{**DEFAULT_TRAIN, **known_settings(TrainConfig, values.get("train", {}), "train")}),
+            data=DataConfig(**sections["data"]),
+            model={**DEFAULT_MODEL, **sections["model"]},
+            train=TrainConfig(**{**DEFAULT_TRAIN, **sections["train"]}),
         )
 
 

@@ -28,7 +28,7 @@ from tunelab.core.hub import WordPieceTokenizer, load_pretrained, save_pretraine
 from tunelab.core.text import train_tokenizer
 from tunelab.core.train import TrainConfig, evaluate, train_model
 from tunelab.tasks import runs
-from tunelab.tasks.runs import known_settings
+from tunelab.tasks.runs import config_sections
 
 TASK = "imdb-mlm"
 # A BERT-mini-sized encoder (Turc et al. 2019, "Well-Read Students Learn Better": L4 H256) that a CPU can
@@ -73,14 +73,9 @@ class MlmRunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MlmRunConfig":
-        values = {k: v for k, v in values.items() if k != "task"}
-        unknown = sorted(set(values) - {"data", "model", "train"})
-        if unknown:
-            raise ValueError(f"unknown config sections {unknown}; expected 'data', 'model' and 'train'")
-        for section, cls_ in (("data", MlmData), ("train", TrainConfig), ("model", BertConfig)):
-            known_settings(cls_, values.get(section, {}), section)
-        return cls(data=MlmData(**values.get("data", {})), model={**DEFAULT_MODEL, **values.get("model", {})},
-                   train=TrainConfig(**{**DEFAULT_TRAIN, **values.get("train", {})}))
+        sections = config_sections(values, {"data": MlmData, "model": BertConfig, "train": TrainConfig})
+        return cls(data=MlmData(**sections["data"]), model={**DEFAULT_MODEL, **sections["model"]},
+                   train=TrainConfig(**{**DEFAULT_TRAIN, **sections["train"]}))
 
 
 def imdb_texts(data: MlmData) -> list[str]:

@@ -77,6 +77,16 @@ def known_settings(cls, values: dict, section: str) -> dict:
     return values
 
 
+def config_sections(values: dict, sections: dict[str, type]) -> dict[str, dict]:
+    """The sections of a run config ({"data": {...}, "train": {...}, ...}; run.json's "task" is ignored), each
+    checked against its dataclass: an unknown section or setting is refused by name."""
+    values = {k: v for k, v in values.items() if k != "task"}
+    unknown = sorted(set(values) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; expected {sorted(sections)}")
+    return {name: dict(known_settings(cls, values.get(name, {}), name)) for name, cls in sections.items()}
+
+
 def read_record(run_dir: str | Path) -> dict:
     """The run.json of a run folder, with its "task" filled in; a missing, unreadable or foreign one is refused."""
     file = Path(run_dir) / RUN_FILE
