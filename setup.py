@@ -6,6 +6,8 @@ setup(
     description="Fine-tuning, taught by building every piece by hand in PyTorch.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    classifiers=["License :: OSI Approved :: MIT License", "Programming Language :: Python :: 3"],
     python_requires=">=3.10",
     packages=find_packages(include=["tunelab", "tunelab.*"]),
     install_requires=[

@@ -1,7 +1,9 @@
-"""What every benchmark shares: a description of the machine, and appending a row to RESULTS.md.
+"""What every benchmark shares: a description of the machine, keeping a finished run, timing frames.
 
-A row is, in order (DESIGN.md): the script name, the setting, the headline figure the issue names,
-further figures, the machine, the date, the command that reproduces it.
+A finished run is kept as benchmarks/results/BENCHMARK/LABEL.json with the rows it contributes to
+benchmarks/RESULTS.md, which is then rebuilt from all kept runs (results_md.py). A row is, in order
+(CONTRIBUTING.md, "Adding a benchmark"): the script name, the setting, the headline figure, further figures,
+the machine, the date, the command that reproduces it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-# One JSON file per finished long run (benchmarks/results/BENCHMARK/LABEL.json), kept in git: runs take hours,
-# often several sessions, and tables and figures are drawn from these files rather than from benchmarks/out.
+from results_md import write_results  # benchmarks/ is on sys.path when a script in it runs
+
+# One JSON file per finished run (benchmarks/results/BENCHMARK/LABEL.json), kept in git: long runs take hours,
+# often several sessions, and RESULTS.md, tables and figures are drawn from these files, not from benchmarks/out.
 RUN_RESULTS = Path(__file__).resolve().parent / "results"
-HEADER = ("| benchmark | setting | headline | further figures | machine | date | command |\n"
-          "|---|---|---|---|---|---|---|\n")
 
 
 def machine() -> str:
@@ -45,24 +46,26 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def append_row(benchmark: str, setting: str, headline: str, figures: str, command: str | None = None) -> None:
-    """Append one markdown row to benchmarks/RESULTS.md (creating the table if needed) and print it."""
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\n" + HEADER)
-    row = (f"| {benchmark} | {setting} | {headline} | {figures} | {machine()} | {date.today()} | "
-           f"`{command or command_line()}` |\n")
-    with RESULTS.open("a") as f:
-        f.write(row)
-    print(row, end="")
-
-
-def save_run(benchmark: str, label: str, results: dict) -> Path:
-    """Keep a finished run's results (with machine, date and command) as benchmarks/results/BENCHMARK/LABEL.json."""
+def save_run(benchmark: str, label: str, results: dict, rows: list[dict]) -> Path:
+    """Keep a finished run as benchmarks/results/BENCHMARK/LABEL.json (its results, the machine, the date and
+    the command) with the RESULTS.md rows it contributes (each {"setting", "headline", "figures"}), then
+    rebuild RESULTS.md from every kept run and print the rows. A run with the same label is replaced."""
     file = RUN_RESULTS / benchmark / f"{label}.json"
     file.parent.mkdir(parents=True, exist_ok=True)
-    record = {"label": label, **results, "machine": machine(), "date": str(date.today()), "command": command_line()}
+    record = {"label": label, **results, "rows": rows, "machine": machine(), "date": str(date.today()),
+              "command": command_line()}
     file.write_text(json.dumps(record, indent=2) + "\n")
+    write_results()
+    for row in rows:
+        print(f"{benchmark} | {row['setting']} | {row['headline']} | {row['figures']}")
+    print(f"kept {file}; rebuilt benchmarks/RESULTS.md")
     return file
+
+
+def add_no_save(parser: argparse.ArgumentParser) -> None:
+    """--no-save (formerly --no-append): a run that keeps nothing and leaves RESULTS.md as it is."""
+    parser.add_argument("--no-save", "--no-append", dest="no_save", action="store_true",
+                        help="do not keep the run (benchmarks/results) nor rebuild RESULTS.md")
 
 
 def saved_runs(benchmark: str) -> dict[str, dict]:
@@ -162,7 +165,7 @@ def speed_comparison(description: str, script: str, impls: tuple[str, ...], chil
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads in each subprocess (default: torch's choice)")
-    parser.add_argument("--no-append", action="store_true")
+    add_no_save(parser)
     parser.add_argument("--child", choices=impls, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:

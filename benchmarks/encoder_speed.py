@@ -8,17 +8,20 @@ batch, 16 reviews x 256 tokens (the shape of IMDB fine-tuning). Measured for eac
            short run where glibc returns freed blocks to the OS, so that resident memory follows live tensors
 Each model runs in its own subprocess (so peak memory is its own), alternating ours / HF for
 `--rounds` rounds; the median step of each round is taken, then the best round of each side.
-Target (issue 3): our step time <= 0.9x Hugging Face's, memory no higher.
+Target: our step time <= 0.9x Hugging Face's, memory no higher.
 
-    python benchmarks/encoder_speed.py            # appends two rows to RESULTS.md
-    python benchmarks/encoder_speed.py --steps 3 --rounds 1 --no-append   # a quick look
+    python benchmarks/encoder_speed.py            # kept (two rows: step, forward), RESULTS.md rebuilt
+    python benchmarks/encoder_speed.py --steps 3 --rounds 1 --no-save   # a quick look
+
+A finished run is kept as benchmarks/results/encoder_speed/batchBxL-threadsN.json; a later run of the same
+shape and thread count replaces it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from _common import append_row, speed_comparison, time_training
+from _common import save_run, speed_comparison, time_training
 
 
 def build(impl: str):
@@ -52,14 +55,16 @@ def main(argv=None) -> None:
     ours, hf = best["ours"], best["hf"]
     ratios = {key: ours[key] / hf[key] for key in ours}
     print(f"ours/HF: forward {ratios['forward']:.2f}x, step {ratios['step']:.2f}x, memory {ratios['memory']:.2f}x")
-    if not args.no_append:
+    if not args.no_save:
         setting = f"minilm L6 H384, batch {args.batch}x{args.length}, cls head, AdamW, fp32"
         memory = f"peak memory ours {ours['memory'] / 2**20:.0f} MiB vs HF {hf['memory'] / 2**20:.0f} MiB " \
                  f"({ratios['memory']:.2f}x)"
-        append_row("encoder_speed", f"step, {setting}", f"{ratios['step']:.2f}x",
-                   f"ours {ours['step']:.2f} s vs HF {hf['step']:.2f} s per training step; {memory}")
-        append_row("encoder_speed", f"forward, {setting}", f"{ratios['forward']:.2f}x",
-                   f"ours {ours['forward']:.3f} s vs HF {hf['forward']:.3f} s per inference forward")
+        rows = [{"setting": f"step, {setting}", "headline": f"{ratios['step']:.2f}x",
+                 "figures": f"ours {ours['step']:.2f} s vs HF {hf['step']:.2f} s per training step; {memory}"},
+                {"setting": f"forward, {setting}", "headline": f"{ratios['forward']:.2f}x",
+                 "figures": f"ours {ours['forward']:.3f} s vs HF {hf['forward']:.3f} s per inference forward"}]
+        save_run("encoder_speed", f"batch{args.batch}x{args.length}-threads{torch.get_num_threads()}",
+                 {"ratios": ratios, "best": best}, rows)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,22 @@
-"""Benchmark: every fine-tuning method on IMDB from MiniLM with the same budget (issue 4).
+"""Benchmark: every fine-tuning method on IMDB from MiniLM with the same budget.
 
 Each method trains with `tunelab finetune imdb --model minilm --method METHOD` defaults: the 25,000 training
 reviews minus a 10% validation split, at most 256 tokens (head+tail), at most 2 epochs, batch 16, the
 method's default options and learning rate (tunelab.tasks.methods), then all 25,000 test reviews (LoRA and
 DoRA with the update merged into the weights, as they would be served). Each
 method runs in its own subprocess, so that its peak memory is its own, and in its own folder under --out
-(named by its label), so that an interrupted method continues with --resume. Per method one row goes to RESULTS.md:
-test accuracy | trainable parameters (count and %), seconds per training step, peak memory, adapter size,
-and its results are kept in benchmarks/results/imdb_peft/LABEL.json (LABEL: the method, or --label for a
-non-default setting: --lr, --options or --bf16). From those files the table and the figure (accuracy
-against trainable parameters, log x-axis) are drawn: benchmarks/figures/imdb_peft.{md,png}. Full
-fine-tuning is the same setting as benchmarks/imdb_finetune.py; the summary takes its run from there
-unless `--methods full` ran here.
+(named by its label), so that an interrupted method continues with --resume. A finished method is kept as
+benchmarks/results/imdb_peft/LABEL.json (LABEL: the method, or --label for a non-default setting: --lr,
+--options or --bf16) with its RESULTS.md row (setting: method, options, lr, bf16; headline: test accuracy;
+further: trainable parameters, seconds per training step, peak memory, adapter size), and RESULTS.md is
+rebuilt. From those files the table and the figure (accuracy against trainable parameters, log x-axis)
+are drawn: benchmarks/figures/imdb_peft.{md,png}. Full fine-tuning is the same setting as
+benchmarks/imdb_finetune.py; the summary takes its run from there unless `--methods full` ran here.
 Targets: LoRA >= 92.0% with under 1% of the parameters trainable, within 0.5 points of full fine-tuning.
 
     python benchmarks/imdb_peft.py --methods lora              # one method (1 h 20 min to 2 h on 2 CPU cores)
     python benchmarks/imdb_peft.py --resume                    # every PEFT method, continuing interrupted ones
-    python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-append   # a quick look
+    python benchmarks/imdb_peft.py --limit 400 --test-limit 400 --no-save   # a quick look
     python benchmarks/imdb_peft.py --summary                   # table + figure from the kept runs
     python benchmarks/imdb_peft.py --methods lora --lr 2e-3 --options '{"modules_to_save": ["classifier", "pooler"]}' \
         --label lora-pooler                                     # a non-default setting, kept under its label
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from _common import append_row, peak_rss_bytes, resumable, save_run, saved_runs
+from _common import add_no_save, peak_rss_bytes, resumable, save_run, saved_runs
 from tunelab.tasks.methods import METHODS
 
 FIGURES = Path(__file__).resolve().parent / "figures"
-LORA_TARGET = 0.92  # the issue's target for LoRA (under 1% trainable), drawn as a line in the figure
+LORA_TARGET = 0.92  # the target for LoRA (under 1% trainable), drawn as a line in the figure
 
 
 def child(method: str, out: Path, args) -> dict:
@@ -55,6 +55,9 @@ def child(method: str, out: Path, args) -> dict:
                                           "data": {"limit": args.limit, "test_limit": args.test_limit}})
     results = run_imdb_finetune(config, out)
     results["peak_memory_bytes"] = peak_rss_bytes()
+    results["method_options"], results["lr"], results["bf16"] = config.method_options, config.train.lr, args.bf16
+    results["budget"] = (f"{config.data.max_length} tok {config.data.truncation}, {config.train.epochs} ep, "
+                         f"batch {config.train.batch_size}")
     results["setting"] = (f"{config.data.max_length} tok {config.data.truncation}, {config.train.epochs} ep, "
                           f"batch {config.train.batch_size}, lr {config.train.lr:g}, options {config.method_options}"
                           + (", bf16 autocast" if args.bf16 else ""))
@@ -64,6 +67,26 @@ def child(method: str, out: Path, args) -> dict:
 
 def memory(r: dict) -> str:
     return "n/a" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"
+
+
+def options_text(options: dict) -> str:
+    """{'r': 4, 'targets': ['q_proj', 'v_proj']} -> 'r=4 targets=q_proj,v_proj'; {} -> 'default options'."""
+    words = [f"{key}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+             for key, value in options.items()]
+    return " ".join(words) or "default options"
+
+
+def results_row(r: dict) -> dict:
+    """The RESULTS.md row of a finished method: what sets it apart in the setting, test accuracy as headline."""
+    saved = r["adapter_bytes"] if r["adapter_bytes"] is not None else 4 * r["parameters"]
+    setting = f"{r['method']}, {options_text(r['method_options'])}, lr {r['lr']:g}"
+    if r["bf16"]:
+        setting += ", bf16 autocast"
+    figures = (f"trainable {r['trainable_parameters']:,} ({r['trainable_percent']:.3f}%), "
+               f"{r['train_seconds'] / max(r['steps'], 1):.2f} s/step (validation included), peak memory "
+               f"{memory(r)}, saved {saved / 2**20:.2f} MiB; minilm, {r['budget']}, "
+               f"best val {r['best_validation']:.2%}")
+    return {"setting": setting, "headline": f"{r['test_accuracy']:.2%}", "figures": figures}
 
 
 def summary() -> None:
@@ -125,7 +148,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "full"),
                         help="comma-separated; default: every method but full (see benchmarks/imdb_finetune.py)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/imdb_peft"))
-    parser.add_argument("--limit", type=int, help="train subset (quick look; not appended)")
+    parser.add_argument("--limit", type=int, help="train subset (a quick look; not kept)")
     parser.add_argument("--test-limit", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the method's, tunelab.tasks.methods)")
@@ -138,7 +161,7 @@ def main(argv=None) -> None:
                                         "folder under --out (default: the method; required with --lr, --options "
                                         "or --bf16)")
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--no-append", action="store_true")
+    add_no_save(parser)
     parser.add_argument("--summary", action="store_true", help="only write the table and figure")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -170,14 +193,9 @@ def main(argv=None) -> None:
         subprocess.run(command, check=True)
         r = json.loads((args.out / (args.label or method) / "benchmark.json").read_text())
         print(f"{method}: test accuracy {r['test_accuracy']:.2%} on {r['test_examples']} reviews")
-        if not quick and not args.no_append:
-            saved = r["adapter_bytes"] if r["adapter_bytes"] is not None else 4 * r["parameters"]
-            append_row("imdb_peft", method, f"{r['test_accuracy']:.2%}",
-                       f"trainable {r['trainable_parameters']:,} ({r['trainable_percent']:.3f}%), "
-                       f"{r['train_seconds'] / max(r['steps'], 1):.2f} s/step (validation included), peak memory "
-                       f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB, saved {saved / 2**20:.2f} MiB; minilm, "
-                       f"{r['setting']}, best val {r['best_validation']:.2%}")
-            save_run("imdb_peft", args.label or method, {**r, "method": method})
+        if not quick and not args.no_save:
+            r["method"] = method
+            save_run("imdb_peft", args.label or method, r, [results_row(r)])
     if not quick:
         summary()
 

@@ -6,17 +6,20 @@ head in modules_to_save) and see the same batch, 16 reviews x 256 tokens. Measur
 encoder_speed.py: the inference forward, the training step (forward + backward + AdamW over the trainable
 parameters) and the peak memory of training steps, each side in its own subprocess, `--rounds` rounds
 alternating; the best round of each side is kept.
-Target (issue 4): our step time <= 0.8x peft's, memory no higher.
+Target: our step time <= 0.8x peft's, memory no higher.
 
-    python benchmarks/peft_speed.py            # appends a row to RESULTS.md
-    python benchmarks/peft_speed.py --steps 3 --rounds 1 --no-append   # a quick look
+    python benchmarks/peft_speed.py            # kept, RESULTS.md rebuilt
+    python benchmarks/peft_speed.py --steps 3 --rounds 1 --no-save   # a quick look
+
+A finished run is kept as benchmarks/results/peft_speed/batchBxL-threadsN.json; a later run of the same
+shape and thread count replaces it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from _common import append_row, speed_comparison, time_training
+from _common import save_run, speed_comparison, time_training
 
 R, ALPHA = 8, 16
 
@@ -63,13 +66,16 @@ def main(argv=None) -> None:
     if trainable["ours"] != trainable["peft"]:
         raise SystemExit(f"the two models train different parameter counts: ours {trainable['ours']:,}, "
                          f"peft {trainable['peft']:,}; not a like-for-like comparison")
-    if not args.no_append:
-        append_row("peft_speed", f"lora r{R} query,value, minilm, batch {args.batch}x{args.length}, AdamW, fp32",
-                   f"{ratios['step']:.2f}x",
-                   f"ours {ours['step']:.2f} s vs peft {theirs['step']:.2f} s per training step; forward "
-                   f"{ratios['forward']:.2f}x; peak memory ours {ours['memory'] / 2**20:.0f} MiB vs peft "
-                   f"{theirs['memory'] / 2**20:.0f} MiB ({ratios['memory']:.2f}x); {trainable['ours']:,} "
-                   f"trainable parameters on both sides")
+    if not args.no_save:
+        row = {"setting": f"lora r{R} query,value, minilm, batch {args.batch}x{args.length}, AdamW, fp32",
+               "headline": f"{ratios['step']:.2f}x",
+               "figures": f"ours {ours['step']:.2f} s vs peft {theirs['step']:.2f} s per training step; forward "
+                          f"{ratios['forward']:.2f}x; peak memory ours {ours['memory'] / 2**20:.0f} MiB vs peft "
+                          f"{theirs['memory'] / 2**20:.0f} MiB ({ratios['memory']:.2f}x); {trainable['ours']:,} "
+                          f"trainable parameters on both sides"}
+        save_run("peft_speed", f"batch{args.batch}x{args.length}-threads{torch.get_num_threads()}",
+                 {"ratios": ratios, "best": best, "trainable_parameters": trainable}, [row])
+
 
 if __name__ == "__main__":
     main()

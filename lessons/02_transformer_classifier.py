@@ -365,8 +365,9 @@ print("figures:", sorted(p.name for p in OUT.glob("02_*.png")))
 # Bigrams are many and mostly rare, so they invite memorisation. `token_dropout=0.3` hides 30% of
 # the tokens from attention and pooling at each training step ("word dropout", Iyyer et al. 2015),
 # so no single word or pair can carry a review. Together they take the `tunelab train imdb` model
-# to 88.9% on the full IMDB test set (benchmarks/RESULTS.md). Measured one at a time, word dropout
-# does most of it (88.3% -> 88.8%); the bigrams add about 0.1 point for 6.4M extra parameters.
+# to 88.9% on the full IMDB test set (the imdb_scratch benchmark, benchmarks/README.md). Measured
+# one at a time there (2026-11-23), word dropout does most of it (88.3% -> 88.8% without bigrams);
+# the bigrams add about 0.1 point for 6.4M extra parameters.
 
 # %%
 bigram_model = TransformerClassifier(dataclasses.replace(config, bigram_buckets=200_000)).eval()

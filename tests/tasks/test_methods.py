@@ -12,6 +12,7 @@ from tunelab.core.hub import WordPieceTokenizer, load_pretrained, resolve_model_
 from tunelab.peft.lora import lora_layers
 from tunelab.tasks.runs import evaluate_run
 from tunelab.tasks.imdb_finetune import FinetuneRunConfig, load_run, run_imdb_finetune
+from tests.conftest import assert_close
 from tunelab.cli import METHOD_OPTIONS, build_parser, methods_taking
 from tunelab.tasks.methods import METHODS, get_method, method_config, rebuild_method
 
@@ -81,7 +82,7 @@ def test_merged_lora_run_is_a_hugging_face_model_with_the_adapters_predictions(t
     run = load_run(merged)
     batch = run.collate(run.encode(["A fine film.", "Dull and far too long."]))
     with torch.no_grad():
-        torch.testing.assert_close(run.model(**batch), hf(**batch).logits, atol=1e-5, rtol=1e-5)
+        assert_close(run.model(**batch), hf(**batch).logits)
     assert "lora" not in " ".join(n for n, _ in run.model.named_modules()).lower()  # plain layers again
 
 
@@ -99,7 +100,7 @@ def test_low_rank_runs_are_scored_merged_with_the_adapters_predictions(method, t
                                         for layer in lora_layers(unmerged).values())
     batch = run.collate(run.encode(["A fine film.", "Dull and far too long."]))
     with torch.no_grad():
-        torch.testing.assert_close(run.model(**batch), unmerged(**batch), atol=1e-5, rtol=1e-5)
+        assert_close(run.model(**batch), unmerged(**batch))
 
 
 def test_unknown_options_and_impossible_merges_are_refused_by_name():
