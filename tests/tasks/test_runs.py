@@ -1,6 +1,6 @@
 """Tests for tunelab/tasks/runs.py: one registry loads, evaluates and serves every kind of saved run.
 
-tests/fixtures/runs/ holds run folders written by an earlier version of TuneLab (a from-scratch classifier,
+tests/fixtures/saved_runs/ holds run folders written by an earlier version of TuneLab (a from-scratch classifier,
 whose run.json names no task, and a LoRA fine-tuning run), with the predictions that version made: a run saved
 before a change must load to the same predictions after it.
 """
@@ -15,7 +15,7 @@ from tests.conftest import NEEDS_MINILM
 from tunelab.tasks import runs
 from tunelab.tasks.runs import evaluate_run, load_run, predict, read_record
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "saved_runs"
 TEXTS = ["A wonderful, moving film.", "Two hours I will never get back.", "It was fine."]
 
 
