@@ -102,17 +102,23 @@ def test_lesson_03_training_loops(tmp_path, imdb_dir):
 
 def test_lesson_04_self_supervised_pretraining(tmp_path, imdb_dir):
     r, out = run_lesson("04_self_supervised_pretraining.py", tmp_path, imdb_dir)
-    assert 0.14 < r["mask_rate"] < 0.16  # 0.148 of 56,000 maskable pieces
-    assert 0.77 < r["mask_token_share"] < 0.83  # 0.801
-    assert 0.08 < r["random_share"] < 0.12  # 0.099
-    assert r["mlm_acc_before"] < 0.005  # 0.001: a random model guesses ~1 piece in 4,000
-    assert r["mlm_acc_after"] > r["mlm_acc_before"] + 0.02  # 0.036: it has learned the frequent pieces
-    assert r["acc_scratch"] > 0.6  # 0.69-0.72 on 800 labelled reviews
-    assert r["acc_pretrained"] > 0.45  # 0.53-0.66: the MLM model is near the unigram loss, see below
-    # No bound on the sign of the gain: a minute of MLM on a CPU leaves the model at the unigram
-    # loss, and fine-tuning from it is worse than from random weights (-0.06 in both QUICK runs).
-    assert r["gain"] == pytest.approx(r["acc_pretrained"] - r["acc_scratch"], abs=2e-4)
-    assert_figures(out, ["04_mlm_curve.png", "04_pretrained_vs_scratch.png"])
+    assert 0.14 < r["mask_rate"] < 0.16  # 0.149 of 59,000 maskable pieces
+    assert 0.77 < r["mask_token_share"] < 0.83  # 0.803
+    assert 0.08 < r["random_share"] < 0.12  # 0.100
+    # The output bias starts at the log piece frequencies: the untrained model sits on the unigram line
+    # (6.39 against 6.35), not at ln V = 7.6, and the run ends below it (6.03; mostly by copying the kept pieces).
+    assert abs(r["mlm_loss_start"] - r["unigram"]) < 0.15
+    assert r["mlm_loss_end"] < r["unigram"] - 0.1
+    assert r["top_direction_share"] < 0.4  # 0.09; 0.80 when the bias started at zero
+    # Fine-tuned from the MLM weights, the classifier leaves chance. With a zero output bias it stayed at
+    # exactly ln 2 and 0.500 for every epoch; now its best validation loss is 0.63 and its test accuracy 0.64
+    # on 1,000 labels. From scratch it does better in the quick run (0.69): see the lesson's conclusion.
+    assert r["pretrained_best_val_loss"] < 0.675
+    assert r["acc_pretrained_1000"] > 0.56
+    assert r["acc_scratch_1000"] > 0.6
+    for n in (250, 1000):
+        assert r[f"gain_{n}"] == pytest.approx(r[f"acc_pretrained_{n}"] - r[f"acc_scratch_{n}"], abs=2e-4)
+    assert_figures(out, ["04_mlm_curve.png", "04_accuracy_vs_labels.png"])
     assert (out / "04_mlm" / "model.safetensors").is_file()
     assert (out / "04_scratch_init" / "config.json").is_file()
 

@@ -83,6 +83,27 @@ def test_masked_lm_logits_match_and_the_decoder_is_tied():
     assert ours.decoder_weight.data_ptr() == ours.bert.embeddings.word_embeddings.weight.data_ptr()
 
 
+def test_init_decoder_bias_makes_an_untrained_masked_lm_predict_piece_frequencies():
+    config = BertConfig.tiny()
+    model = BertForMaskedLM(config).eval()
+    counts = (10_000 / torch.arange(1.0, config.vocab_size + 1) ** 1.5).long()[torch.randperm(config.vocab_size)]  # Zipf-like
+    frequencies = (counts + 1) / (counts + 1).sum()
+    unigram = float(-(frequencies * frequencies.log()).sum())
+    ids = torch.randint(config.vocab_size, (4, 16))
+
+    def expected_loss():  # the cross-entropy of a blank whose piece is drawn from the frequencies
+        with torch.no_grad():
+            return float(-(frequencies * model(ids).log_softmax(-1)).sum(-1).mean())
+
+    before, embeddings = expected_loss(), model.decoder_weight.clone()
+    model.init_decoder_bias(counts)
+    assert torch.equal(model.decoder_weight, embeddings)  # only the bias moved
+    assert before > unigram + 1.0  # 4.6 (~ln V) against a unigram entropy of 2.5
+    assert expected_loss() < unigram + 0.05  # the untrained model already sits on the unigram line
+    with pytest.raises(ValueError, match="token_counts must have shape"):
+        model.init_decoder_bias(counts[:-1])
+
+
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForMaskedLM])
 def test_one_training_step_gives_hugging_faces_loss_gradients_and_weights(cls):
     ours, hf = pair(cls)

@@ -45,6 +45,19 @@ def test_the_run_folder_is_a_hugging_face_masked_lm_with_the_same_logits(mlm_run
     assert torch.equal(clf.bert.layers[1].ff.linear2.weight, ours.bert.layers[1].ff.linear2.weight)
 
 
+def test_piece_frequencies_go_into_the_output_bias_not_into_the_word_vectors(mlm_run):
+    # The run starts its output bias at the log piece frequencies. From a zero bias, which Adam moves by about lr
+    # per step, a short run writes the frequencies into the tied embeddings instead: one direction shared by all
+    # word vectors, which the encoder then reads as its input (and a classifier fine-tuned from it stayed at chance).
+    out, _ = mlm_run
+    from tunelab.core.hub import load_pretrained
+
+    model, _ = load_pretrained(out, task="mlm")
+    energy = torch.linalg.svdvals(model.decoder_weight.detach()) ** 2
+    assert energy[0] / energy.sum() < 0.45  # 0.24; 0.66 when the bias starts at zero (0.02 at initialisation)
+    assert model.decoder_bias.std() > 0.5  # 1.3: the log frequencies; 0.02 when it starts at zero
+
+
 def test_chunks_cover_the_review_in_cls_sep_windows(imdb_dir):
     texts = list(load_imdb("train", imdb_dir, limit=50)["text"])
     tokenizer = bert_tokenizer(texts, vocab_size=800)

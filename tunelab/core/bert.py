@@ -233,6 +233,23 @@ class BertForMaskedLM(nn.Module):
     def decoder_weight(self) -> Tensor:
         return self.bert.embeddings.word_embeddings.weight  # (V, C), shared with the input embedding
 
+    @torch.no_grad()
+    def init_decoder_bias(self, token_counts: Tensor) -> None:
+        """Start the output bias at the log unigram frequencies, log((n_i + 1) / sum_j (n_j + 1)), so that the
+        untrained model already predicts piece frequencies ("init well": Karpathy 2019, A Recipe for Training
+        Neural Networks). From a zero bias, which Adam moves by about lr per step, a short run learns the
+        frequencies in the tied embeddings instead: it writes them into one direction shared by every word
+        vector, the vectors the encoder reads its input from.
+
+        Args:
+            token_counts: (vocab_size,) how often each piece occurs in the training text.
+        """
+        if token_counts.shape != self.decoder_bias.shape:
+            raise ValueError(f"token_counts must have shape ({self.config.vocab_size},), "
+                             f"got {tuple(token_counts.shape)}")
+        smoothed = token_counts.double() + 1.0  # add-one: a piece never seen still gets a finite logit
+        self.decoder_bias.copy_((smoothed / smoothed.sum()).log())
+
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, **encoder_inputs) -> Tensor:
         """`encoder_inputs` (inputs_embeds, kv_prefixes) go to `BertModel.forward`."""

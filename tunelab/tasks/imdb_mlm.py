@@ -3,9 +3,9 @@
 Texts: the `unsupervised` split (50,000 unlabelled reviews) and the `train` split's texts (labels
 unused); the test split is never read. A WordPiece vocabulary is trained on those texts, each review is
 cut into chunks of `max_length - 2` pieces, and every chunk becomes `[CLS] chunk [SEP]`. The model
-(`BertForMaskedLM`, randomly initialised) predicts the 15% of pieces `MaskedLMCollator` hides (80/10/10
-rule, Devlin et al. 2019). The run folder is a Hugging Face BertForMaskedLM folder, so it can be
-fine-tuned for classification with `tunelab finetune imdb --model RUN_DIR`.
+(`BertForMaskedLM`, randomly initialised, its output bias at the log piece frequencies) predicts the 15%
+of pieces `MaskedLMCollator` hides (80/10/10 rule, Devlin et al. 2019). The run folder is a Hugging Face
+BertForMaskedLM folder, so it can be fine-tuned for classification with `tunelab finetune imdb --model RUN_DIR`.
 
     RUN_DIR/config.json, model.safetensors, tokenizer.json   (AutoModelForMaskedLM loads them)
     RUN_DIR/run.json ({"task": "imdb-mlm", ...}), metrics.jsonl, curves.png, checkpoints/, results.json
@@ -116,6 +116,12 @@ def chunk_reviews(tokenizer: WordPieceTokenizer, texts, max_length: int, min_chu
     return chunks
 
 
+def piece_counts(chunks: list[dict], vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) how often each piece occurs in the chunks, [CLS] and [SEP] left out."""
+    pieces = torch.tensor([i for chunk in chunks for i in chunk["input_ids"][1:-1]], dtype=torch.long)
+    return torch.bincount(pieces, minlength=vocab_size)
+
+
 def run_imdb_mlm(config: MlmRunConfig, out_dir: str | Path) -> dict:
     """Pretrain a BertForMaskedLM on IMDB text; returns (and writes to results.json) its validation figures."""
     out_dir, data, start = Path(out_dir), config.data, time.time()
@@ -145,6 +151,7 @@ def run_imdb_mlm(config: MlmRunConfig, out_dir: str | Path) -> dict:
                                      "max_position_embeddings", 512))})
     torch.manual_seed(config.train.seed)
     model = BertForMaskedLM(model_config)
+    model.init_decoder_bias(piece_counts(train_chunks, tokenizer.vocab_size))  # starts at the unigram line
     options = dict(mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids,
                    pad_id=tokenizer.pad_id, max_length=data.max_length, mlm_probability=data.mlm_probability)
     train_collate = MaskedLMCollator(**options)
