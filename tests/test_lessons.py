@@ -106,14 +106,14 @@ def test_lesson_04_self_supervised_pretraining(tmp_path, imdb_dir):
     assert 0.77 < r["mask_token_share"] < 0.83  # 0.803
     assert 0.08 < r["random_share"] < 0.12  # 0.100
     # The output bias starts at the log piece frequencies: the untrained model sits on the unigram line
-    # (6.39 against 6.35), not at ln V = 7.6, and the run ends below it (6.03; mostly by copying the kept pieces).
+    # (6.37 against 6.35), not at ln V = 7.6, and the run ends below it (6.11; by copying the kept pieces).
     assert abs(r["mlm_loss_start"] - r["unigram"]) < 0.15
     assert r["mlm_loss_end"] < r["unigram"] - 0.1
-    assert r["top_direction_share"] < 0.4  # 0.09; 0.80 when the bias started at zero
-    # Fine-tuned from the MLM weights, the classifier leaves chance. With a zero output bias it stayed at
-    # exactly ln 2 and 0.500 for every epoch; now its best validation loss is 0.63 and its test accuracy 0.64
-    # on 1,000 labels. From scratch it does better in the quick run (0.69): see the lesson's conclusion.
-    assert r["pretrained_best_val_loss"] < 0.675
+    # With a zero bias: start 7.62 (ln V), top direction 0.68 (the frequencies written into the word vectors).
+    assert r["top_direction_share"] < 0.4  # 0.12
+    # Fine-tuned from the MLM weights, the classifier leaves chance: 0.651 on 1,000 labels (0.628-0.647 with
+    # other fine-tuning seeds). The earlier version of this lesson stayed at exactly 0.500 and ln 2 for every
+    # epoch. From scratch it does better (0.675): see the lesson's conclusion.
     assert r["acc_pretrained_1000"] > 0.56
     assert r["acc_scratch_1000"] > 0.6
     for n in (250, 1000):

@@ -86,7 +86,8 @@ def test_masked_lm_logits_match_and_the_decoder_is_tied():
 def test_init_decoder_bias_makes_an_untrained_masked_lm_predict_piece_frequencies():
     config = BertConfig.tiny()
     model = BertForMaskedLM(config).eval()
-    counts = (10_000 / torch.arange(1.0, config.vocab_size + 1) ** 1.5).long()[torch.randperm(config.vocab_size)]  # Zipf-like
+    ranks = torch.randperm(config.vocab_size) + 1.0
+    counts = (10_000 / ranks**1.5).long()  # Zipf-like: a few frequent pieces, many rare ones
     frequencies = (counts + 1) / (counts + 1).sum()
     unigram = float(-(frequencies * frequencies.log()).sum())
     ids = torch.randint(config.vocab_size, (4, 16))
