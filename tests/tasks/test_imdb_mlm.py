@@ -45,6 +45,21 @@ def test_the_run_folder_is_a_hugging_face_masked_lm_with_the_same_logits(mlm_run
     assert torch.equal(clf.bert.layers[1].ff.linear2.weight, ours.bert.layers[1].ff.linear2.weight)
 
 
+def test_the_run_registry_loads_an_mlm_run_and_refuses_to_score_it_as_a_classifier(mlm_run):
+    from tunelab.core.hub import load_pretrained
+    from tunelab.tasks.runs import load_run, predict
+
+    out, _ = mlm_run
+    run = load_run(out)
+    assert type(run).__name__ == "MlmRun" and run.data.max_length == 64 and not run.model.training
+    ours, _ = load_pretrained(out, task="mlm")
+    ids = torch.tensor([run.tokenizer.encode("A fine film with a [MASK] ending.")])
+    with torch.no_grad():
+        assert torch.equal(run.model(ids), ours(ids))  # the best weights the run saved
+    with pytest.raises(ValueError, match="imdb-mlm run, not a classifier"):
+        predict(out, ["A fine film."])
+
+
 def test_piece_frequencies_go_into_the_output_bias_not_into_the_word_vectors(mlm_run):
     # The run starts its output bias at the log piece frequencies. From a zero bias, which Adam moves by about lr
     # per step, a short run writes the frequencies into the tied embeddings instead: one direction shared by all
