@@ -23,7 +23,9 @@ setup(
     extras_require={
         # transformers 5.24 took `past_key_values` out of BertModel.forward, and peft (0.21.2) then refuses
         # prefix tuning on BERT ("Model does not support past key values"): the prefix parity tests need <5.24.
-        "test": ["pytest", "pytest-xdist>=3.2", "transformers>=4.40,<5.24", "peft>=0.10"],
+        "test": ["pytest", "pytest-xdist>=3.2", "transformers>=4.40,<5.24", "peft>=0.10",
+                 # the NF4/FP4 parity tests: bitsandbytes quantizes 4-bit on the CPU since 0.45
+                 "bitsandbytes>=0.45"],
     },
     entry_points={"console_scripts": ["tunelab = tunelab.cli:main"]},
 )

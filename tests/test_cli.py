@@ -79,6 +79,22 @@ def test_bad_arguments_give_one_line(argv, expected, capsys):
     assert expected in err and len(err.splitlines()) == 1
 
 
+def test_compress_then_evaluate_and_predict_the_compressed_run(run_dir, tmp_path, capsys):
+    out = tmp_path / "nf4"
+    assert main(["compress", str(run_dir), "--method", "nf4-dq", "--out", str(out), "--skip", "head"]) == 0
+    printed = capsys.readouterr().out
+    assert "x smaller than float32" in printed and str(out) in printed
+    assert main(["evaluate", str(out), "--limit", "100"]) == 0
+    assert "test accuracy:" in capsys.readouterr().out
+    assert main(["predict", str(out), "great film"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in ("positive", "negative")
+    # an option the method does not take, and an existing output folder, are one-line errors
+    assert main(["compress", str(run_dir), "--method", "nf4", "--amount", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "nf4 takes the options ['blocksize'], not ['amount']" in capsys.readouterr().err
+    assert main(["compress", str(run_dir), "--method", "int8", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
 def test_bad_input_gives_one_line_not_a_traceback(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
@@ -96,7 +112,7 @@ def test_bad_input_gives_one_line_not_a_traceback(tmp_path, capsys):
 def test_every_command_has_help(capsys):
     parser = build_parser()
     for argv in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--help"],
-                 ["finetune", "--help"], ["pretrain-mlm", "--help"]):
+                 ["finetune", "--help"], ["pretrain-mlm", "--help"], ["compress", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv)
         assert exit_info.value.code == 0

@@ -4,6 +4,7 @@
     tunelab finetune imdb --model minilm --method full   fine-tune a pretrained encoder (or --model PATH)
     tunelab finetune imdb --method lora --r 8 --merge    ... or parameter-efficiently (lora, dora, ia3, prompt, ...)
     tunelab pretrain-mlm imdb [options]             pretrain a small BERT with masked language modelling
+    tunelab compress RUN_DIR --method nf4 --out DIR  quantize, prune or cluster a saved run into a new run
     tunelab evaluate RUN_DIR                        accuracy of a saved run on the test split
     tunelab predict RUN_DIR "a review" ...          sentiment of some texts
 
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tunelab.core.checkpoint import CheckpointError
+from tunelab.tasks.compression import COMPRESSIONS
 from tunelab.tasks.methods import METHODS
 
 # Options that several commands share, declared once: option -> (section of the run config, key, type, help).
@@ -107,6 +109,20 @@ METHOD_OPTIONS = {
 }
 
 
+# option -> (key, type, help) of the options of `tunelab compress`; each method takes some (COMPRESSIONS).
+COMPRESS_OPTIONS = {
+    "--group-size": ("group_size", int, "weights per int4 scale (default 64)"),
+    "--blocksize": ("blocksize", int, "weights per 4-bit absmax block (default 64)"),
+    "--threshold": ("threshold", float, "activation outlier threshold (default 6.0)"),
+    "--bits": ("bits", int, "bits per codebook index (default 4)"),
+    "--amount": ("amount", float, "fraction of weights (or heads and neurons) removed"),
+    "--scope": ("scope", str, "layer or global: where the smallest weights are ranked (default layer)"),
+    "--norm": ("norm", int, "1 or 2: the norm that ranks heads and neurons (default 2)"),
+    "--clusters": ("clusters", int, "codebook entries per layer (default 16)"),
+    "--init": ("init", str, "kmeans++, linear, random or density (default kmeans++)"),
+}
+
+
 def methods_taking(key: str) -> list[str]:
     """The fine-tuning methods whose config has the option `key`."""
     return [name for name, method in METHODS.items() if key in method.options()]
@@ -164,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Pretrain a BERT from scratch on IMDB text (never the test split) by masked language "
                                 "modelling; the run folder is a Hugging Face model that `tunelab finetune imdb "
                                 "--model RUN_DIR` fine-tunes.")
+
+    compressions = "\n".join(f"  {name:17s} {c.summary}" for name, c in COMPRESSIONS.items())
+    compress = commands.add_parser("compress", help="quantize, prune or cluster a saved run into a new run",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Compress the model of a classifier run; the new run folder is read by "
+                                               "`tunelab evaluate` and `tunelab predict`.",
+                                   epilog=f"methods (--method):\n{compressions}")
+    compress.add_argument("run_dir", type=Path, help="folder written by `tunelab train` or `tunelab finetune`")
+    compress.add_argument("--method", required=True, choices=list(COMPRESSIONS), metavar="METHOD",
+                          help="how to compress (see below)")
+    compress.add_argument("--out", type=Path, required=True, help="the new run folder (must not exist)")
+    compress.add_argument("--skip", type=_names, default=[],
+                          help="comma-separated module names kept in floating point (e.g. classifier)")
+    compress.add_argument("--no-embeddings", action="store_true", help="keep the embedding tables in floating point")
+    for option, (key, kind, text) in COMPRESS_OPTIONS.items():
+        takers = "/".join(name for name, c in COMPRESSIONS.items() if key in c.options)
+        compress.add_argument(option, type=kind, help=f"{takers}: {text}")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved run",
                                    description="Accuracy of a saved run on an IMDB split.")
@@ -250,6 +283,17 @@ def _pretrain_mlm(args) -> None:
           f"{results['train_seconds']:.0f} s); Hugging Face model saved in {args.out}")
 
 
+def _compress(args) -> None:
+    from tunelab.tasks.compression import compress_run
+
+    options = {key: getattr(args, option[2:].replace("-", "_")) for option, (key, _, _) in COMPRESS_OPTIONS.items()}
+    results = compress_run(args.run_dir, args.method, args.out, {k: v for k, v in options.items() if v is not None},
+                           skip=args.skip, embeddings=not args.no_embeddings)
+    print(f"{args.method}: {results['bytes']:,} bytes for {results['params']:,} parameters "
+          f"({results['bits_per_param']:.2f} bits each, {results['ratio']:.2f}x smaller than float32, "
+          f"{results['sparsity']:.1%} zeros); run saved in {args.out} (`tunelab evaluate {args.out}`)")
+
+
 def _evaluate(args) -> None:
     from tunelab.tasks.runs import evaluate_run
 
@@ -267,11 +311,11 @@ def _predict(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "finetune": _finetune, "pretrain-mlm": _pretrain_mlm, "evaluate": _evaluate,
-                "predict": _predict}
+    handlers = {"train": _train, "finetune": _finetune, "pretrain-mlm": _pretrain_mlm, "compress": _compress,
+                "evaluate": _evaluate, "predict": _predict}
     try:
         handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError, KeyboardInterrupt) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError, KeyboardInterrupt) as error:
         message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error).strip().splitlines()[0]
         print(f"tunelab {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -26,8 +26,15 @@ from torch import Tensor
 
 def write_safetensors(file: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write contiguous CPU copies of `tensors` to `file`, flushed to disk and readable by everyone
-    (safetensors' save_file creates it owner-only)."""
-    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    (safetensors' save_file creates it owner-only). Tensors sharing memory (tied weights) are stored as copies,
+    which safetensors requires."""
+    seen, own = set(), {}
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        storage = t.untyped_storage().data_ptr()
+        own[name] = t.clone() if storage in seen else t
+        seen.add(storage)
+    tensors = own
     safetensors.torch.save_file(tensors, str(file), metadata={"format": "pt", **(metadata or {})})
     _fsync(file)
     os.chmod(file, 0o644)

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -153,7 +154,8 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int, bat
 
 
 def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, config: TrainConfig,
-                loss_fn=None, batch_sampler=None, eval_collate_fn=None) -> TrainResult:
+                loss_fn=None, batch_sampler=None, eval_collate_fn=None,
+                after_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train `model` in place on `train_data` (a sequence of examples) and return a `TrainResult`.
 
     One optimizer step: for each of `grad_accum_steps` micro-batches, backward(loss / k); clip the global
@@ -161,7 +163,9 @@ def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, conf
     (and every `eval_every_steps`) evaluate on `val_data`, keep the best checkpoint, stop early when due.
     A fresh run seeds Python, NumPy and torch with `config.seed`; out_dir receives metrics.jsonl,
     curves.png and checkpoints/{last,best}. `eval_collate_fn` (default: `collate_fn`) collates validation
-    batches, e.g. with fixed instead of random masks for masked language modelling.
+    batches, e.g. with fixed instead of random masks for masked language modelling. `after_step(step)` runs
+    after every optimizer step (step counts from 1), before any evaluation or checkpoint: e.g. re-applying
+    pruning masks, or raising a sparsity target on a schedule.
     """
     loss_fn = loss_fn or cross_entropy_loss
     device = _resolve_device(config.device)
@@ -232,6 +236,8 @@ def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, conf
             optimizer.step()
             scheduler.step()
             progress.step += 1
+            if after_step is not None:
+                after_step(progress.step)
             progress.batch_in_epoch = first + len(group)
             progress.loss_count += 1
             bar.update()
