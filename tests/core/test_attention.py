@@ -215,3 +215,26 @@ def test_cpu_dropout_attention_in_blocks_equals_one_pass_over_the_batch(monkeypa
         assert torch.equal(whole, blocked)
     torch.manual_seed(2)
     assert not torch.equal(scaled_dot_product_attention(q, k, v, bias, dropout_p=0.2), results[1][0])  # dropout acts
+
+
+@pytest.mark.parametrize("impl", ["fused", "explicit"])
+def test_heads_narrower_than_the_model_equal_the_full_attention_with_those_heads_removed(impl):
+    # H * D != C once heads are pruned away: 3 heads of width 4 on a 16-wide model compute what the
+    # 4-head attention computes when the 4th head's columns of out_proj are zero.
+    full = MultiHeadAttention(C, H, impl=impl).eval()
+    with torch.no_grad():
+        full.out_proj.weight[:, 12:] = 0.0
+    narrow = MultiHeadAttention(C, 3, impl=impl, d_head=4).eval()
+    assert narrow.q_proj.weight.shape == (12, C) and narrow.out_proj.weight.shape == (C, 12)
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(narrow, name).weight.copy_(getattr(full, name).weight[:12])
+            getattr(narrow, name).bias.copy_(getattr(full, name).bias[:12])
+        narrow.out_proj.weight.copy_(full.out_proj.weight[:, :12])
+        narrow.out_proj.bias.copy_(full.out_proj.bias)
+    x, mask = torch.randn(B, T, C), padding_mask()
+    assert_close(narrow(x, mask), full(x, mask))
+    assert_close(narrow(x, causal=True), full(x, causal=True))
+    assert "d_head=4" in repr(narrow) and "d_head" not in repr(full)
+    with pytest.raises(ValueError, match=r"d_head \(0\)"):
+        MultiHeadAttention(C, 3, d_head=0)

@@ -77,31 +77,38 @@ class MultiHeadAttention(nn.Module):
     on CPU, where torch's flash kernel has no dropout, both take the explicit path with `dropout_mask`.
 
     Args:
-        d_model: model width C; split into `n_heads` heads of width D = C // n_heads.
+        d_model: model width C (input and output).
         n_heads: number of heads H.
+        d_head: width D of each head; None means C // n_heads. The heads together are H * D wide, which
+            differs from C once some heads are removed (structured pruning, Michel et al. 2019).
         dropout: dropout probability on the attention weights (training only).
         bias: whether the four projections have biases.
         impl: "fused" or "explicit".
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, impl: str = "fused"
+        self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, impl: str = "fused",
+        d_head: int | None = None,
     ):
         super().__init__()
-        if n_heads <= 0 or d_model % n_heads != 0:
+        if d_head is None and (n_heads <= 0 or d_model % n_heads != 0):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if d_head is not None and (n_heads <= 0 or d_head <= 0):
+            raise ValueError(f"n_heads ({n_heads}) and d_head ({d_head}) must be positive")
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"attention dropout must be in [0, 1), got {dropout}")
-        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.d_model, self.n_heads = d_model, n_heads
+        self.d_head = d_model // n_heads if d_head is None else d_head
         self.dropout, self.impl = dropout, impl
+        inner = n_heads * self.d_head  # H * D: d_model unless heads were removed
         # Four separate projections (not one packed in_proj) so that loading Hugging Face
         # query/key/value weights is a one-to-one name mapping.
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.q_proj = nn.Linear(d_model, inner, bias=bias)
+        self.k_proj = nn.Linear(d_model, inner, bias=bias)
+        self.v_proj = nn.Linear(d_model, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, d_model, bias=bias)
 
     def forward(
         self,
@@ -146,7 +153,7 @@ class MultiHeadAttention(nn.Module):
         else:
             bias = make_attention_bias(attention_mask, causal, T, q.dtype, q.device, n_prefix)
             y = scaled_dot_product_attention(q, k, v, bias, dropout_p, self.impl)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C), heads concatenated
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)  # (B, T, H*D), heads concatenated
         return self.out_proj(y)  # (B, T, C)
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -155,7 +162,8 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, D)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}, impl={self.impl!r}"
+        d_head = "" if self.n_heads * self.d_head == self.d_model else f", d_head={self.d_head}"
+        return f"d_model={self.d_model}, n_heads={self.n_heads}{d_head}, dropout={self.dropout}, impl={self.impl!r}"
 
 
 # On a CPU with dropout, attention runs a few sequences at a time so that each (H, Tq, Tk) block of scores
