@@ -7,6 +7,7 @@ import safetensors.torch
 import torch
 
 from tests.conftest import NEEDS_MINILM
+from tunelab.core.io import read_safetensors, write_safetensors
 from tunelab.quant.nonuniform import (BLOCKSIZES, E2M1_GRID, FP4_CODE, NF4_CODE, CodebookTensor, Quant4,
                                       dequantize_blockwise, dynamic_map, fp4_code, log2_code, nf4_code,
                                       nominal_bits_per_param, quantize_4bit, quantize_blockwise, quantize_fp4,
@@ -187,10 +188,11 @@ def test_bits_match_what_bitsandbytes_stores():
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
-def test_from_tensors_rebuilds_through_safetensors(double_quant):
+def test_from_tensors_rebuilds_through_safetensors(double_quant, tmp_path):
     x = (torch.randn(40, 70) * 0.02).bfloat16()
     q = quantize_4bit(x, "fp4", 256, double_quant)
-    loaded = safetensors.torch.load(safetensors.torch.save(q.tensors()))
+    write_safetensors(tmp_path / "q.safetensors", q.tensors())
+    loaded = read_safetensors(tmp_path / "q.safetensors")
     back = Quant4.from_tensors(loaded, (40, 70), "bfloat16", 256, "fp4")
     assert back.shape == q.shape and back.dtype == q.dtype and back.double_quant == double_quant
     assert back.blocksize == 256 and back.quant_type == "fp4"

@@ -291,7 +291,7 @@ def cluster_weights(model: nn.Module, n_clusters: int = 16, init: str = "kmeans+
     if not swaps:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Embedding left to cluster (skip={skip})")
     for name, layer in swaps:
-        set_module(model, name, layer)
+        model.set_submodule(name, layer)
     return model
 
 
@@ -300,7 +300,7 @@ def strip_clustering(model: nn.Module) -> nn.Module:
     swaps = [(name, m.to_plain()) for name, m in model.named_modules() if isinstance(m, ClusteredWeight)]
     for name, layer in swaps:
         if name:
-            set_module(model, name, layer)
+            model.set_submodule(name, layer)
         else:
             return layer
     return model
@@ -331,14 +331,10 @@ def load_clustered(model: nn.Module, file: str | Path) -> nn.Module:
             layer = ClusteredEmbedding(**entry)
         else:
             raise ValueError(f"{file}: module {name!r} has an unknown clustered layer class {kind!r}")
-        set_module(model, name, layer)
+        model.set_submodule(name, layer)
     model.load_state_dict(tensors, strict=True)
     return model
 
-
-def set_module(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
 def pack_mask(mask: Tensor) -> Tensor:

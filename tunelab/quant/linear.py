@@ -423,13 +423,9 @@ def quantize_model(model: nn.Module, method: str, skip: Iterable[str] = (), embe
     if not swaps:
         raise ValueError("the model has no nn.Linear or nn.Embedding layers left to quantize")
     for name, layer in swaps:
-        _set_module(model, name, layer)
+        model.set_submodule(name, layer)
     return size_report(model)
 
-
-def _set_module(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
 def quantized_layout(model: nn.Module) -> dict[str, dict]:
@@ -477,5 +473,5 @@ def rebuild_quantized(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             raise ValueError(f"module {name!r} has an unknown quantized layer class in the saved layout")
         is_embedding, padding_idx = entry.pop("embedding"), entry.pop("padding_idx", None)
         layer = cls(entry.pop("in_features"), entry.pop("out_features"), entry.pop("bias"), **entry)
-        _set_module(model, name, QuantEmbedding(layer, padding_idx) if is_embedding else layer)
+        model.set_submodule(name, QuantEmbedding(layer, padding_idx) if is_embedding else layer)
     return model

@@ -410,9 +410,9 @@ def apply_qat(model: nn.Module, bits: int = 4, scheme: str = "symmetric", granul
             raise ValueError(f"{name}: {error}") from None
     for name, layer in targets:
         if isinstance(layer, nn.Linear):
-            _set_module(model, name, QATLinear.from_linear(layer, FakeQuantize(**quantizer)))
+            model.set_submodule(name, QATLinear.from_linear(layer, FakeQuantize(**quantizer)))
         else:
-            _set_module(model, name, QATEmbedding.from_embedding(layer, FakeQuantize(**quantizer)))
+            model.set_submodule(name, QATEmbedding.from_embedding(layer, FakeQuantize(**quantizer)))
     return model
 
 
@@ -437,10 +437,6 @@ def unload_qat(model: nn.Module) -> nn.Module:
         else:
             plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, **factory)
         plain.weight.copy_(layer.quantized_weight())
-        _set_module(model, name, plain)
+        model.set_submodule(name, plain)
     return model
 
-
-def _set_module(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
