@@ -3,7 +3,7 @@
 The base is fine-tuned once (MiniLM, every weight, 2,000 class-balanced training reviews minus a 10% validation
 split, 128 tokens head+tail, 2 epochs, bf16 autocast on the CPU) and kept in --out/base. Every method then starts
 from its weights; the ones that fine-tune (gradual pruning, structured pruning, clustering, QAT, the pipeline)
-train on the same 1,800 reviews, bf16 autocast, 1 epoch. Sizes are the whole model's, embeddings included.
+train on the first 480 of the base's 1,800 training reviews, bf16 autocast, 1 epoch (30 steps of 16). Sizes are the whole model's, embeddings included.
 Accuracy is on all 25,000 test reviews for fp32, int8, w8a8, nf4-dq and the pipeline, and on a fixed
 class-balanced 2,000-review subset (seed 0) for the others.
 

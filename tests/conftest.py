@@ -41,6 +41,15 @@ def seed():
     return 0
 
 
+@pytest.fixture
+def one_thread():
+    """For tests of tiny models: a second intra-op thread only adds contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def imdb_dir():
     """The local IMDB parquet directory ($TUNELAB_DATA_DIR, else ../shared/data/imdb), as an absolute path.

@@ -106,14 +106,15 @@ def test_lesson_04_self_supervised_pretraining(tmp_path, imdb_dir):
     assert 0.77 < r["mask_token_share"] < 0.83  # 0.803
     assert 0.08 < r["random_share"] < 0.12  # 0.100
     # The output bias starts at the log piece frequencies: the untrained model sits on the unigram line
-    # (6.37 against 6.35), not at ln V = 7.6, and the run ends below it (6.11; by copying the kept pieces).
+    # (6.38 against 6.35), not at ln V = 7.6, and the run ends below it (6.16; by copying the kept pieces).
     assert abs(r["mlm_loss_start"] - r["unigram"]) < 0.15
     assert r["mlm_loss_end"] < r["unigram"] - 0.1
-    # With a zero bias: start 7.62 (ln V), top direction 0.68 (the frequencies written into the word vectors).
-    assert r["top_direction_share"] < 0.4  # 0.12
-    # Fine-tuned from the MLM weights, the classifier leaves chance: 0.651 on 1,000 labels (0.628-0.647 with
-    # other fine-tuning seeds). The earlier version of this lesson stayed at exactly 0.500 and ln 2 for every
-    # epoch. From scratch it does better (0.675): see the lesson's conclusion.
+    # With a zero bias: start 7.61 (ln V), end 6.34, top direction 0.67 (the frequencies written into the word
+    # vectors), and 0.552 fine-tuned on 1,000 labels.
+    assert r["top_direction_share"] < 0.4  # 0.13
+    # Fine-tuned from the MLM weights, the classifier leaves chance: 0.646 on 1,000 labels (0.651 when the quick
+    # run pretrained on 2,000 reviews). The earlier version of this lesson stayed at exactly 0.500 and ln 2 for
+    # every epoch. From scratch it does better (0.664): see the lesson's conclusion.
     assert r["acc_pretrained_1000"] > 0.56
     assert r["acc_scratch_1000"] > 0.6
     for n in (250, 1000):
@@ -139,20 +140,21 @@ def test_lesson_06_full_finetuning(tmp_path, imdb_dir):
     r, out = run_lesson("06_full_finetuning.py", tmp_path, imdb_dir)
     assert r["params"] == 22_713_986  # MiniLM-L6-H384 with a 2-class head
     assert r["head_params"] == 770  # 384 x 2 + 2: the only new weights
-    assert 0.35 < r["acc_before"] < 0.65  # 0.52: a random head is a random classifier
-    assert r["acc_after"] > 0.65  # 0.735 after 23 steps at lr 1e-4 on 360 reviews, 200 test reviews
+    assert 0.35 < r["acc_before"] < 0.65  # 0.49: a random head is a random classifier
+    assert r["acc_after"] > 0.65  # 0.765 after 23 steps at lr 2e-4 on 360 reviews of 32 tokens, 200 test reviews
     assert r["acc_after"] > r["acc_before"] + 0.1
-    assert r["acc_high_lr"] < r["acc_after"] - 0.1  # 0.50: lr 1e-3 wrecks the pretrained features
-    for key in ("bottom_change", "top_change"):  # layer 1 4.99e-3, layer 6 5.41e-3: small, all layers alike
+    assert r["acc_high_lr"] < r["acc_after"] - 0.1  # 0.51: lr 1e-3 wrecks the pretrained features
+    for key in ("bottom_change", "top_change"):  # layer 1 9.57e-3, layer 6 1.10e-2: small, all layers alike
         assert 1e-3 < r[key] < 2e-2
-    assert r["embedding_change"] < r["bottom_change"]  # 1.39e-3: most rows never get a gradient
-    assert r["pooler_change"] > 2 * r["top_change"]  # 3.67e-2: right under the new head
-    assert r["rep_change_bottom"] < 1e-2  # 1.09e-3: layer 1's outputs barely change...
-    assert r["rep_change_top"] > 10 * r["rep_change_bottom"]  # 7.45e-2: ...layer 6's change 68x more
+    assert r["embedding_change"] < r["bottom_change"]  # 2.14e-3: most rows never get a gradient
+    assert r["pooler_change"] > 2 * r["top_change"]  # 7.98e-2: right under the new head
+    assert r["rep_change_bottom"] < 1e-2  # 3.68e-3: layer 1's outputs barely change...
+    assert r["rep_change_top"] > 10 * r["rep_change_bottom"]  # 0.238: ...layer 6's change 65x more
+    # Halves of 64 tokens (PAIR_LENGTH), though the quick run fine-tunes on 32-token reviews.
     assert r["match_pretrained"] > 0.1  # 0.225 of 200 halves find their other half; chance 0.005
-    assert r["match_high_lr"] < r["match_after_finetune"] < r["match_pretrained"]  # 0.055 < 0.165 < 0.225
-    assert 0.05 < r["forgetting"] < 0.6  # 0.27 of the skill lost at lr 1e-4
-    assert r["forgetting_high_lr"] > r["forgetting"] + 0.2  # 0.76 at lr 1e-3
+    assert r["match_high_lr"] < r["match_after_finetune"] < r["match_pretrained"]  # 0.025 < 0.120 < 0.225
+    assert 0.05 < r["forgetting"] < 0.7  # 0.47 of the skill lost at lr 2e-4
+    assert r["forgetting_high_lr"] > r["forgetting"] + 0.2  # 0.89 at lr 1e-3
     assert r["forgetting"] == pytest.approx(1 - r["match_after_finetune"] / r["match_pretrained"], abs=1e-3)
     assert_figures(out, ["06_finetune_curves.png", "06_weight_change.png"])
     assert (out / "06_minilm" / "model.safetensors").is_file()  # the run is a Hugging Face model folder
@@ -166,11 +168,12 @@ def test_lesson_07_lora(tmp_path, imdb_dir):
     assert r["trainable"] == r["peft_trainable"] == 6 * 2 * 8 * (384 + 384) + 770  # 74,498
     assert r["peft_max_diff"] <= 1e-5 and r["peft_load_diff"] <= 1e-5  # 0.0 and 0.0 on this CPU
     assert r["merge_max_diff"] <= 1e-5  # 8.9e-08
-    assert r["acc_after"] > 0.65  # 0.740 after 46 steps at lr 2e-3 on 360 reviews, 200 test reviews
+    assert r["acc_after"] > 0.65  # 0.725 after 46 steps at lr 2e-3 on 360 reviews of 32 tokens, 200 test reviews
     assert 250 < r["adapter_kb"] < 400 and r["model_mb"] > 80  # 301.5 kB of fp32 A, B and head; 90.9 MB
     assert r["dora_trainable"] == r["trainable"] + 12 * 384  # one magnitude per output row
     assert r["trainable_r1"] == 6 * 2 * 1 * 768 + 770 and r["trainable_r64"] == 6 * 2 * 64 * 768 + 770
-    assert min(r["acc_r1"], r["acc_r64"], r["acc_r64_rs"]) > 0.65  # 0.715, 0.735, 0.745: rank 1 already learns
+    # The quick run trains r = 1 and r = 64 with rsLoRA beside section 3's r = 8 (plain r = 64 only in full mode).
+    assert min(r["acc_r1"], r["acc_r64_rs"]) > 0.65  # 0.720, 0.700: rank 1 already learns
     assert_figures(out, ["07_lora.png"])
     assert (out / "07_lora" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -224,9 +227,10 @@ def test_lesson_08_adapters_bitfit_ia3(tmp_path, imdb_dir):
     assert r["ia3_trainable"] == r["peft_trainable"] == 6 * (2 * 384 + 1536) + 770  # 14,594
     assert r["peft_max_diff"] <= 1e-5 and r["peft_load_diff"] <= 1e-5  # 0.0 and 0.0 on this CPU
     assert r["ia3_merge_diff"] <= 1e-5  # 2.9e-08
-    # 63 steps of 8 reviews, 200 test reviews: full 0.720, Houlsby 0.655, IA3 0.610, Pfeiffer 0.545, BitFit 0.510
+    # 63 steps of 8 reviews, 200 test reviews: full 0.720, Houlsby 0.655, IA3 0.610 (Pfeiffer 0.545 and BitFit
+    # 0.510 when they were trained too; the quick run now leaves them out, and only their sizes are checked)
     assert r["acc_full"] > 0.65
-    peft_accs = [r[f"acc_{m}"] for m in ("houlsby", "pfeiffer", "bitfit", "ia3")]
+    peft_accs = [r[f"acc_{m}"] for m in ("houlsby", "ia3")]
     assert all(0.4 < a < 0.9 for a in peft_accs)
     assert r["acc_full"] > max(peft_accs)  # the same short budget favours training every weight
     assert r["acc_houlsby"] > 0.58  # the largest PEFT method has clearly started to learn

@@ -74,13 +74,7 @@ class EpochBatches:
         return -(-self.n // self.batch_size)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second intra-op thread only adds contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -261,5 +261,5 @@ def test_wrong_layer_types_are_refused():
         ClusteredLinear.from_linear(nn.Embedding(4, 4))
     with pytest.raises(ValueError, match="not max_norm"):
         ClusteredEmbedding.from_embedding(nn.Embedding(4, 4, max_norm=1.0))
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Embedding left to cluster"):
+    with pytest.raises(ValueError, match="Sequential has no nn.Linear or nn.Embedding layer left to cluster"):
         cluster_weights(nn.Sequential(nn.ReLU()))

@@ -9,6 +9,7 @@ from torch import nn
 
 from tests.conftest import assert_close
 from tunelab.core.bert import BertConfig, BertForSequenceClassification
+from tunelab.quant import linear as linear_module
 from tunelab.quant.linear import (QUANT_METHODS, CodebookLinear, Int4Linear, Int8Linear, Linear4bit, QuantEmbedding,
                                   W8A8Linear, int8_matmul, load_quantized, quantize_model, quantize_rows_int8,
                                   save_quantized)
@@ -49,14 +50,16 @@ def test_int8_weight_only_error_bound():
     assert_close(q(x), F.linear(x, q.dequantize_weight(), layer.bias))
 
 
-def test_w8a8_is_the_integer_product_rescaled():
+@pytest.mark.parametrize("tokens", [14, 700])  # 700 tokens: three blocks of at most 256, the last one partial
+def test_w8a8_is_the_integer_product_rescaled(tokens, monkeypatch):
+    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", 256 * 128)  # blocks of 256 tokens for in=128
     layer = linear()
     q = W8A8Linear.from_linear(layer)
-    x = torch.randn(2, 7, 128)
+    x = torch.randn(2, tokens // 2, 128)
     codes, x_scale = quantize_rows_int8(x.reshape(-1, 128))
     exact = (codes.double() @ q.codes_t.double()) * x_scale.double() * q.scale.double() + layer.bias.double()
-    assert_close(q(x), exact.float().reshape(2, 7, 48))
-    assert q(x).shape == (2, 7, 48)
+    assert_close(q(x), exact.float().reshape(2, tokens // 2, 48))
+    assert q(x).shape == (2, tokens // 2, 48)
 
 
 def test_w8a8_beats_torch_ao_dynamic_int8_on_the_same_layer():

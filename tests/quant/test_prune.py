@@ -21,13 +21,7 @@ from tunelab.quant.prune import (GradualPruner, apply_masks, apply_structure, cu
                                  random_unstructured, shrink_structure, sparsity_report)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def twin_linears(out_features=30, in_features=20, tied=False):
@@ -373,8 +367,10 @@ def test_refusals_name_the_problem():
         ln_structured(layer, "weight", 1, n=0)
     with pytest.raises(ValueError, match="unknown scope 'model'"):
         magnitude_prune(nn.Sequential(nn.Linear(2, 2)), 0.5, scope="model")
-    with pytest.raises(ValueError, match=r"no \['Linear'\] module to prune outside skip"):
+    with pytest.raises(ValueError, match="Sequential has no nn.Linear layer left to prune"):
         magnitude_prune(nn.Sequential(nn.ReLU()), 0.5)
+    with pytest.raises(ValueError, match=r"skip names \['clasifier'\] match no module of Sequential"):
+        magnitude_prune(nn.Sequential(nn.Linear(2, 2)), 0.5, skip=["clasifier"])
     with pytest.raises(ValueError, match="at least one"):
         global_unstructured([], 0.5)
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from tunelab.core.io import read_safetensors, write_safetensors
 from tunelab.quant.kmeans import INITS, kmeans_1d
+from tunelab.quant.select import select_layers
 from tunelab.quant.uniform import pack, unpack
 
 # TF Model Optimization's CentroidInitialization names -> ours
@@ -273,23 +274,12 @@ def cluster_weights(model: nn.Module, n_clusters: int = 16, init: str = "kmeans+
     """
     check_n_clusters(n_clusters)
     init = resolve_init(init)
-    skip = [skip] if isinstance(skip, str) else list(skip)
-    names = [name for name, _ in model.named_modules()]
-    unused = [p for p in skip if not any(name == p or name.startswith(p + ".") for name in names)]
-    if unused:
-        raise ValueError(f"skip names {unused} match no module of {type(model).__name__}")
     options = dict(n_clusters=n_clusters, init=init, preserve_sparsity=preserve_sparsity, iters=iters,
                    generator=generator)
-    swaps = []
-    for name, module in model.named_modules():
-        if not name or any(name == p or name.startswith(p + ".") for p in skip):
-            continue
-        if isinstance(module, nn.Linear):
-            swaps.append((name, ClusteredLinear.from_linear(module, **options)))
-        elif isinstance(module, nn.Embedding) and embeddings:
-            swaps.append((name, ClusteredEmbedding.from_embedding(module, **options)))
-    if not swaps:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Embedding left to cluster (skip={skip})")
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    swaps = [(name, ClusteredLinear.from_linear(module, **options) if isinstance(module, nn.Linear)
+              else ClusteredEmbedding.from_embedding(module, **options))
+             for name, module in select_layers(model, kinds, skip, "cluster")]
     for name, layer in swaps:
         model.set_submodule(name, layer)
     return model

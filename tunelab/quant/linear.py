@@ -33,10 +33,12 @@ from torch import Tensor, nn
 from tunelab.core.io import read_safetensors, write_safetensors
 from tunelab.quant.nonuniform import Quant4, quantize_4bit, quantize_kmeans, quantize_log2
 from tunelab.quant.report import SizeReport, size_report
+from tunelab.quant.select import select_layers
 from tunelab.quant.uniform import pack, quant_range, quantize, unpack
 
 INT8_MAX = 127  # symmetric int8 codes in [-127, 127], as LLM.int8() and bitsandbytes use
 INT4_MIN = quant_range(4, "symmetric")[0]  # stored codes are code - INT4_MIN, in [0, 16)
+CHUNK_ELEMENTS = 1 << 19  # W8A8 on a CPU: tokens per block x max(in, out) features, ~2 MB of float32
 OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s default: activation features with |x| >= 6 stay in floating point
 
 
@@ -66,10 +68,11 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
 def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric absmax int8 codes per row: x (M, K) -> codes (M, K) int8, scales (M, 1) float32 with
     x ~ codes * scale. An all-zero row gets scale 1 (its codes are 0), so nothing divides by zero."""
-    absmax = x.abs().amax(dim=-1, keepdim=True).float()  # (M, 1)
+    # max |x| = max(max x, -min x): two reductions, and no (M, K) |x| tensor to allocate
+    absmax = torch.maximum(x.amax(dim=-1, keepdim=True), -x.amin(dim=-1, keepdim=True)).float()  # (M, 1)
     scale = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))  # (M, 1)
     # |x / scale| <= 127 by construction; the clamp only guards the last ulp of the division
-    codes = torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # (M, K)
+    codes = torch.div(x.float(), scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # (M, K)
     return codes, scale
 
 
@@ -154,7 +157,10 @@ class W8A8Linear(QuantLinear):
     with int32 accumulation, one float rescale: y = (q_x q_w^T) * s_x s_w^T + b.
 
     With `threshold` (LLM.int8()), the input columns that hold any |x| >= threshold are taken out of the int8
-    product and multiplied in floating point with the dequantized weight columns."""
+    product and multiplied in floating point with the dequantized weight columns.
+
+    Inference only, like torch.ao's dynamic quantization: rounding has no gradient, so the forward runs
+    without autograd (quantization-aware training is `tunelab.quant.uniform.apply_qat`)."""
 
     method = "w8a8"
 
@@ -182,6 +188,7 @@ class W8A8Linear(QuantLinear):
     def dequantize_weight(self) -> Tensor:
         return self.codes_t.t().float() * self.scale[:, None]  # (out, in)
 
+    @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (M, in): tokens as rows
@@ -192,12 +199,19 @@ class W8A8Linear(QuantLinear):
                 outliers = columns.nonzero().squeeze(1)
                 x_outliers = x2[:, outliers]  # (M, n_outliers), kept in floating point
                 x2 = x2.index_fill(1, outliers, 0.0)
-        codes, x_scale = quantize_rows_int8(x2)  # (M, in) int8, (M, 1)
-        y = int8_matmul(codes, self.codes_t).float()  # (M, out), exact integer dot products
-        # y * s_x * s_w + b, in place: the (M, out) output is the largest tensor here, allocate it once
-        y.mul_(x_scale).mul_(self.scale)
-        if self.bias is not None:
-            y.add_(self.bias)
+        y = torch.empty(x2.shape[0], self.out_features, device=x.device)  # (M, out) float32
+        # On a CPU, a block of tokens at a time: quantizing the block, its int32 product and the rescale then stay
+        # in cache, where one pass over all M tokens would stream each (M, out) intermediate through memory.
+        rows = x2.shape[0] if x.is_cuda else max(1, CHUNK_ELEMENTS // max(self.in_features, self.out_features))
+        for start in range(0, x2.shape[0], rows):
+            block = slice(start, start + rows)
+            codes, x_scale = quantize_rows_int8(x2[block])  # (m, in) int8, (m, 1)
+            acc = int8_matmul(codes, self.codes_t)  # (m, out) int32, exact integer dot products
+            torch.mul(acc, x_scale, out=y[block])  # int32 -> float32 with the token scales
+            if self.bias is not None:  # then the channel scales and the bias, in place
+                torch.addcmul(self.bias, y[block], self.scale, out=y[block])
+            else:
+                y[block].mul_(self.scale)
         if outliers is not None:
             w_outliers = self.codes_t[outliers].float() * self.scale  # (n_outliers, out)
             y.addmm_(x_outliers, w_outliers)
@@ -381,14 +395,6 @@ QUANT_METHODS = {m.name: m for m in [
 _LAYER_CLASSES = {cls.__name__: cls for cls in (Int8Linear, W8A8Linear, Int4Linear, Linear4bit, CodebookLinear)}
 
 
-def _matches(name: str, patterns: Iterable[str]) -> str | None:
-    """The first pattern naming module `name`: the name itself, or a dotted prefix of it (`bert.layers.0`)."""
-    for pattern in patterns:
-        if name == pattern or name.startswith(pattern + "."):
-            return pattern
-    return None
-
-
 def quantize_model(model: nn.Module, method: str, skip: Iterable[str] = (), embeddings: bool = True,
                    **options) -> SizeReport:
     """Replace, in place, every nn.Linear (and nn.Embedding when `embeddings` and the method has an embedding
@@ -403,25 +409,17 @@ def quantize_model(model: nn.Module, method: str, skip: Iterable[str] = (), embe
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {sorted(QUANT_METHODS)}")
     spec = QUANT_METHODS[method]
-    skip = list(skip)
-    names = [name for name, _ in model.named_modules()]
-    unused = [p for p in skip if not any(_matches(name, [p]) for name in names)]
-    if unused:
-        raise ValueError(f"skip names {unused} match no module of the model")
     settings = {**spec.options, **options}
+    kinds = (nn.Linear, nn.Embedding) if embeddings and spec.embedding is not None else (nn.Linear,)
     swaps = []
-    for name, module in model.named_modules():
-        if not name or _matches(name, skip):
-            continue
+    for name, module in select_layers(model, kinds, skip, "quantize"):
         if isinstance(module, nn.Linear):
             swaps.append((name, spec.linear.from_linear(module, **settings)))
-        elif isinstance(module, nn.Embedding) and embeddings and spec.embedding is not None:
+        else:
             table = nn.Linear(module.embedding_dim, module.num_embeddings, bias=False)
             table.weight = module.weight
             store_options = settings if spec.embedding is spec.linear else {}
             swaps.append((name, QuantEmbedding(spec.embedding.from_linear(table, **store_options), module.padding_idx)))
-    if not swaps:
-        raise ValueError("the model has no nn.Linear or nn.Embedding layers left to quantize")
     for name, layer in swaps:
         model.set_submodule(name, layer)
     return size_report(model)

@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from tunelab.core.attention import MultiHeadAttention
 from tunelab.core.layers import EncoderLayer, FeedForward
+from tunelab.quant.select import select_layers
 
 MASK_SUFFIX = "_mask"
 # The output layer is small and its weights are the last word on every class: it is usually left dense.
+# skip=None keeps whichever of these top-level modules the model has.
 DEFAULT_SKIP = ("classifier", "head")
 SCOPES = ("layer", "global")
 
@@ -189,22 +191,16 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def prunable_modules(model: nn.Module, skip=DEFAULT_SKIP, kinds=(nn.Linear,)) -> list[tuple[str, nn.Module]]:
+def prunable_modules(model: nn.Module, skip=None, kinds=(nn.Linear,)) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module of `kinds` (nn.Linear; add nn.Embedding to prune word vectors too)
-    whose name does not end with one of `skip` (module-name suffixes)."""
-    kinds = tuple(kinds)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and not _matches(n, skip)]
-    if not found:
-        names = [k.__name__ for k in kinds]
-        raise ValueError(f"{type(model).__name__} has no {names} module to prune outside skip={tuple(skip)}")
-    return found
+    outside `skip` (module names or dotted prefixes; None: the output layer, DEFAULT_SKIP)."""
+    if skip is None:
+        children = dict(model.named_children())
+        skip = [name for name in DEFAULT_SKIP if name in children]
+    return select_layers(model, tuple(kinds), skip, "prune")
 
 
-def magnitude_prune(model: nn.Module, amount: float | int, scope: str = "layer", skip=DEFAULT_SKIP,
+def magnitude_prune(model: nn.Module, amount: float | int, scope: str = "layer", skip=None,
                     kinds=(nn.Linear,)) -> None:
     """L1-magnitude pruning of the weight of every module of `kinds` outside `skip`: `amount` of each one
     ("layer"), or of all of them ranked together ("global")."""
@@ -291,7 +287,7 @@ class GradualPruner:
     is exactly `final`."""
 
     def __init__(self, model: nn.Module, final: float, *, initial: float = 0.0, start_step: int = 0,
-                 n_steps: int = 10, interval: int = 10, scope: str = "layer", skip=DEFAULT_SKIP,
+                 n_steps: int = 10, interval: int = 10, scope: str = "layer", skip=None,
                  kinds=(nn.Linear,)):
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
@@ -407,27 +403,27 @@ def _lowest(scores: Tensor, alive: list[int], amount, what: str) -> list[int]:
     return sorted(alive[i] for i in picked)
 
 
+def _prune_units(model: nn.Module, amount, part: str, what: str, scores, alive, mask) -> dict[str, list[int]]:
+    """In every encoder layer, mask the `amount` lowest-scoring units still alive in `layer.<part>`."""
+    pruned = {}
+    for name, layer in encoder_layers(model).items():
+        module = getattr(layer, part)
+        units = _lowest(scores(module), alive(module), amount, f"{what} of {name}")
+        if units:
+            mask(module, units)
+        pruned[name] = units
+    return pruned
+
+
 def prune_heads(model: nn.Module, amount: float | int, n: float = 2) -> dict[str, list[int]]:
     """Mask the `amount` lowest-scoring unpruned heads (`head_scores`) of every encoder layer; returns the heads
     pruned per layer name. Masks only: call `shrink_structure` to remove them."""
-    pruned = {}
-    for name, layer in encoder_layers(model).items():
-        heads = _lowest(head_scores(layer.attn, n), alive_heads(layer.attn), amount, f"heads of {name}")
-        if heads:
-            mask_heads(layer.attn, heads)
-        pruned[name] = heads
-    return pruned
+    return _prune_units(model, amount, "attn", "heads", lambda attn: head_scores(attn, n), alive_heads, mask_heads)
 
 
 def prune_neurons(model: nn.Module, amount: float | int, n: float = 2) -> dict[str, list[int]]:
     """Mask the `amount` lowest-scoring unpruned feed-forward neurons (`neuron_scores`) of every encoder layer."""
-    pruned = {}
-    for name, layer in encoder_layers(model).items():
-        neurons = _lowest(neuron_scores(layer.ff, n), alive_neurons(layer.ff), amount, f"neurons of {name}")
-        if neurons:
-            mask_neurons(layer.ff, neurons)
-        pruned[name] = neurons
-    return pruned
+    return _prune_units(model, amount, "ff", "neurons", lambda ff: neuron_scores(ff, n), alive_neurons, mask_neurons)
 
 
 def _sliced_linear(linear: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tunelab.quant.select import select_layers
+
 SCHEMES = ("symmetric", "asymmetric")
 GRANULARITIES = ("tensor", "channel", "group")
 CALIBRATIONS = ("minmax", "percentile", "mse")
@@ -375,11 +377,6 @@ class QATEmbedding(nn.Embedding):
 QAT_LAYERS = (QATLinear, QATEmbedding)
 
 
-def _named(name: str, patterns: Iterable[str]) -> bool:
-    """Whether `name` is one of `patterns` or lies inside one of them (a dotted prefix)."""
-    return any(name == p or name.startswith(p + ".") for p in patterns)
-
-
 def apply_qat(model: nn.Module, bits: int = 4, scheme: str = "symmetric", granularity: str = "channel",
               group_size: int | None = None, calibration: str = "minmax", learn_scale: bool = False,
               skip: Iterable[str] = (), embeddings: bool = False) -> nn.Module:
@@ -392,17 +389,13 @@ def apply_qat(model: nn.Module, bits: int = 4, scheme: str = "symmetric", granul
         skip: module names (or dotted prefixes of them) kept in floating point, e.g. ("head",).
         learn_scale: LSQ (Esser et al. 2020): each layer's scales become parameters, trained with the weights.
     """
-    skip = list(skip)
-    names = [name for name, _ in model.named_modules()]
-    if unused := [p for p in skip if not any(_named(n, [p]) for n in names)]:
-        raise ValueError(f"skip names {unused} match no module of the model")
+    if qat_layers(model):
+        raise ValueError("the model already has QAT layers: unload_qat it first")
     quantizer = dict(bits=bits, scheme=scheme, granularity=granularity, axis=0, group_size=group_size,
                      calibration=calibration, learn_scale=learn_scale)
     FakeQuantize(**quantizer)  # check the settings before changing anything
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in kinds and n and not _named(n, skip)]
-    if not targets:
-        raise ValueError(f"the model has no {' or '.join(k.__name__ for k in kinds)} layer left to fake-quantize")
+    targets = select_layers(model, kinds, skip, "fake-quantize")
     for name, layer in targets:  # check every layer before changing any
         try:
             _check_input(layer.weight, granularity, 0, group_size)  # e.g. a group size that does not divide `in`

@@ -61,7 +61,7 @@ def _quantization(name: str) -> Compression:
 
 def _magnitude_prune(model, options, skip, embeddings):
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    prune.magnitude_prune(model, options["amount"], scope=options["scope"], skip=skip or prune.DEFAULT_SKIP,
+    prune.magnitude_prune(model, options["amount"], scope=options["scope"], skip=skip or None,
                           kinds=kinds)
     prune.make_permanent(model)
     return {}
