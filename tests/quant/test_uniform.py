@@ -412,6 +412,9 @@ def test_apply_qat_refuses_bad_settings_before_changing_the_model():
     assert not qat_layers(model)
     with pytest.raises(ValueError, match="no QAT layers; call apply_qat first"):
         unload_qat(model)
+    apply_qat(model)
+    with pytest.raises(ValueError, match="already has QAT layers: unload_qat it first"):
+        apply_qat(model)  # a second call would wrap nothing: refused, not silently a no-op
     quantizer = FakeQuantize(bits=4, learn_scale=True)
     with pytest.raises(ValueError, match="call init_scale"):
         quantizer(torch.randn(3, 3))
