@@ -209,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Print the predicted sentiment of each text.")
     predict.add_argument("run_dir", type=Path, help="folder written by `tunelab train` or `tunelab finetune`")
     predict.add_argument("texts", nargs="+", help="review texts")
+
+    generate = commands.add_parser("generate", help="continue a prompt with a causal LM",
+                                   description="Generate text with a GPT-2 or Llama folder (a Hugging Face folder "
+                                               "or a TuneLab run folder); one prompt streams as it is written.")
+    generate.add_argument("model", help="a GPT-2 / Llama model folder (config.json, model.safetensors, tokenizer.json)")
+    generate.add_argument("prompts", nargs="+", help="the prompts")
+    generate.add_argument("--max-new-tokens", type=int, default=60)
+    generate.add_argument("--greedy", action="store_true", help="always the most likely token (default: sample)")
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--repetition-penalty", type=float, default=1.1)
+    generate.add_argument("--seed", type=int, default=0, help="the random seed of sampling")
     return parser
 
 
@@ -309,10 +322,35 @@ def _predict(args) -> None:
         print(f"{result['label']}\t{result['probability']:.3f}\t{text}")
 
 
+def _generate(args) -> None:
+    import torch
+
+    from tunelab.core.decoder import CausalLM
+    from tunelab.core.generate import generate_text
+    from tunelab.core.hub import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model)
+    if not isinstance(model, CausalLM) or tokenizer is None:
+        raise ValueError(f"{args.model} is not a causal LM folder with a tokenizer.json")
+    options = dict(do_sample=not args.greedy, repetition_penalty=args.repetition_penalty)
+    if not args.greedy:
+        options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       generator=torch.Generator().manual_seed(args.seed))
+    if len(args.prompts) == 1:
+        print(args.prompts[0], end="", flush=True)
+        generate_text(model, tokenizer, args.prompts, args.max_new_tokens,
+                      on_text=lambda text: print(text, end="", flush=True), **options)
+        print()
+        return
+    for prompt, text in zip(args.prompts, generate_text(model, tokenizer, args.prompts, args.max_new_tokens,
+                                                        **options)):
+        print(f"{prompt}{text}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "finetune": _finetune, "pretrain-mlm": _pretrain_mlm, "compress": _compress,
-                "evaluate": _evaluate, "predict": _predict}
+                "evaluate": _evaluate, "predict": _predict, "generate": _generate}
     try:
         handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError, KeyboardInterrupt) as error:

@@ -227,3 +227,12 @@ def test_masked_lm_collator_refuses_a_row_with_nothing_to_mask():
         collate([{"input_ids": [1, 5, 2]}, {"input_ids": [1, 2]}])
     with pytest.raises(ValueError, match="mlm_probability"):
         MaskedLMCollator(mask_id=4, vocab_size=10, mlm_probability=0.0)
+
+
+def test_left_padding_puts_every_sequence_at_the_end():
+    from tunelab.core.collate import pad_sequences
+
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_id=1, side="left")
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="padding side 'middle'"):
+        pad_sequences([[1]], side="middle")

@@ -142,3 +142,57 @@ def test_a_tokenizer_without_bert_specials_is_refused():
     bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     with pytest.raises(ValueError, match=r"no \[CLS\], \[SEP\], \[PAD\], \[MASK\] token"):
         WordPieceTokenizer(bare)
+
+
+# ---------------------------------------------------------------- causal LMs (GPT-2, Llama)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(imdb_dir):
+    import pyarrow.parquet as pq
+
+    from tunelab.core.text import train_tokenizer
+
+    texts = pq.read_table(imdb_dir / "train.parquet", columns=["text"]).column("text").to_pylist()[::100]
+    return train_tokenizer(texts, kind="byte_bpe", vocab_size=400)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_hugging_face_decoder_folder_loads_as_our_causal_lm_and_back(family, tmp_path, byte_tokenizer):
+    import transformers
+
+    from tests.core.decoder_pairs import gpt_pair, llama_pair
+    from tunelab.core.decoder import GPT, Llama
+    from tunelab.core.hub import CausalTokenizer
+
+    V = byte_tokenizer.get_vocab_size()
+    hf, _ = (gpt_pair if family == "gpt" else llama_pair)(vocab_size=V, bos_token_id=0, eos_token_id=0)
+    hf.save_pretrained(tmp_path / "hf")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer, eos_token="<|endoftext|>",
+                                                pad_token="<|pad|>")
+    fast.save_pretrained(tmp_path / "hf")
+    model, tokenizer = load_pretrained(tmp_path / "hf")
+    assert isinstance(model, GPT if family == "gpt" else Llama) and isinstance(tokenizer, CausalTokenizer)
+    assert (tokenizer.eos_id, tokenizer.pad_id) == (0, 1)
+    text = "A film that Moved me."
+    ids = torch.tensor([tokenizer.encode(text)])
+    assert ids.tolist()[0] == fast(text)["input_ids"]
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert (model(ids) - expected).abs().max() <= 1e-5
+    save_pretrained(model, tmp_path / "ours", tokenizer)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        assert (back(ids).logits - expected).abs().max() <= 1e-5
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert again(text)["input_ids"] == ids.tolist()[0] and again.eos_token == "<|endoftext|>"
+
+
+def test_an_encoder_task_on_a_decoder_folder_is_refused(tmp_path):
+    from tests.core.decoder_pairs import gpt_pair
+
+    hf, _ = gpt_pair()
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="task 'classification' is for encoders"):
+        load_pretrained(tmp_path, task="classification")

@@ -190,6 +190,20 @@ def test_train_tokenizer_round_trip_and_specials(reviews, kind):
     assert len(batch[0].ids) == len(batch[1].ids) and batch[1].ids[-1] == 0  # padded with [PAD]
 
 
+def test_byte_level_bpe_round_trips_any_text_and_loads_in_transformers(reviews, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers reads the tokenizer.json")
+    tokenizer = train_tokenizer(reviews, kind="byte_bpe", vocab_size=600)
+    assert [tokenizer.id_to_token(i) for i in range(2)] == ["<|endoftext|>", "<|pad|>"]
+    assert 256 + 2 < tokenizer.get_vocab_size() <= 600  # every byte, the specials and the merges
+    text = "The ACTING was wonderful!  Ünïcode 中文 and emoji 🎬\n\tnew line"
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids) == text  # nothing is lower-cased, lost or unknown
+    assert len(tokenizer.encode(" the movie").ids) < len(" the movie")  # merges learned from the reviews
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert fast(text)["input_ids"] == ids and fast.decode(ids) == text
+
+
 def test_train_tokenizer_clear_errors(reviews):
     with pytest.raises(ValueError, match="'unigram'"):
         train_tokenizer(reviews, kind="unigram")

@@ -34,7 +34,9 @@ def make_attention_bias(
     instead of 0/0 = NaN. Masks are combined as booleans first so two masks never add to -inf.
 
     Args:
-        attention_mask: (B, T) long/bool, 1 = real token (keep as a key), 0 = padding; or None.
+        attention_mask: (B, T) long/bool, 1 = real token (keep as a key), 0 = padding; or None. With
+            n_prefix, (B, P+T) covers the prefix too (a KV cache whose past has padding); (B, T) leaves
+            the prefix visible everywhere.
         causal: if True, query t may only look at keys 0..t (autoregressive decoding).
         T: sequence length (queries and keys).
         dtype: dtype of the attention scores the bias is added to.
@@ -52,12 +54,13 @@ def make_attention_bias(
         device = attention_mask.device
     keep = None
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[1] != T:
+        if attention_mask.dim() != 2 or attention_mask.shape[1] not in (T, n_prefix + T):
             raise ValueError(
-                f"attention_mask must have shape (B, T={T}), got {tuple(attention_mask.shape)}"
+                f"attention_mask must have shape (B, T={T})"
+                + (f" or (B, P+T={n_prefix + T})" if n_prefix else "") + f", got {tuple(attention_mask.shape)}"
             )
-        keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, T)
-        if n_prefix:
+        keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, T) or (B, P+T)
+        if n_prefix and keep.shape[1] == T:
             keep = torch.cat([keep.new_ones(keep.shape[0], n_prefix), keep], dim=1)  # (B, P+T)
         keep = keep[:, None, None, :]  # (B, 1, 1, P+T)
     if causal:

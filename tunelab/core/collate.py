@@ -41,24 +41,29 @@ def truncate(ids: Sequence[int], max_length: int, side: str = "head") -> list[in
 
 
 def pad_sequences(
-    sequences: Sequence[Sequence[int]], pad_id: int = 0, multiple_of: int = 1, max_length: int | None = None
+    sequences: Sequence[Sequence[int]], pad_id: int = 0, multiple_of: int = 1, max_length: int | None = None,
+    side: str = "right",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists to the longest one, rounded up to a multiple of `multiple_of` but not past
-    `max_length` (a longer sequence is padded to its own length, never cut).
+    """Pad token lists to the longest one, rounded up to a multiple of `multiple_of` but not past
+    `max_length` (a longer sequence is padded to its own length, never cut). `side="left"` puts the
+    padding in front: the prompts of a batched generation then all end in the last column.
 
     Returns:
         input_ids (B, T) long and attention_mask (B, T) long, 1 on real tokens, 0 on padding.
     """
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be at least 1, got {multiple_of}")
+    if side not in ("right", "left"):
+        raise ValueError(f"unknown padding side {side!r}; expected 'right' or 'left'")
     longest = max(len(ids) for ids in sequences)
     rounded = -(-longest // multiple_of) * multiple_of
     longest = rounded if max_length is None else max(longest, min(rounded, max_length))
     input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, T)
     for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
+        span = slice(0, len(ids)) if side == "right" else slice(longest - len(ids), longest)
+        input_ids[row, span] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, span] = 1
     return input_ids, attention_mask
 
 

@@ -193,24 +193,34 @@ def build_vocab(
     return Vocab([*specials, *words], default_index)
 
 
+TOKENIZER_KINDS = ("bpe", "wordpiece", "byte_bpe")
+BYTE_BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")  # the end of a document (GPT-2's name) and padding
+
+
 def train_tokenizer(
     texts: Iterable[str],
     kind: str = "bpe",
     vocab_size: int = 8000,
     min_frequency: int = 2,
-    specials: Sequence[str] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+    specials: Sequence[str] | None = None,
 ) -> tokenizers.Tokenizer:
     """Train a subword tokenizer on `texts` with Hugging Face `tokenizers`.
 
     "bpe": byte-pair encoding, merge the most frequent adjacent pair until `vocab_size`
     (Sennrich et al. 2016, https://arxiv.org/abs/1508.07909). "wordpiece": merge the pair that
     most raises the corpus likelihood, count(ab) / (count(a) count(b)); continuation pieces
-    start with "##" (Schuster & Nakajima 2012; BERT). Text is lower-cased and split on
-    whitespace and punctuation first; specials take ids 0, 1, ... in order; if "[PAD]" is among
-    them, `encode_batch` pads with it.
+    start with "##" (Schuster & Nakajima 2012; BERT). For both, text is lower-cased and split on
+    whitespace and punctuation first. "byte_bpe": BPE over the UTF-8 bytes of the text, as GPT-2
+    (Radford et al. 2019): nothing is lower-cased or unknown, every string round-trips exactly, and
+    a word keeps its leading space ("Ġthe"): the tokenizer of a causal LM.
+
+    Specials take ids 0, 1, ... in order (default: [PAD] [UNK] [CLS] [SEP] [MASK], and for byte_bpe
+    <|endoftext|> <|pad|>); if "[PAD]" is among them, `encode_batch` pads with it.
     """
-    if kind not in ("bpe", "wordpiece"):
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'bpe' or 'wordpiece'")
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
+    if specials is None:
+        specials = BYTE_BPE_SPECIALS if kind == "byte_bpe" else ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
     if isinstance(texts, str):
         raise TypeError("texts must be an iterable of strings, not a single string")
     texts = list(texts)
@@ -227,6 +237,13 @@ def train_tokenizer(
         show_progress=False,
     )
 
+    if kind == "byte_bpe":
+        tokenizer = tokenizers.Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **options)
+        tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+        return tokenizer
     if kind == "bpe":
         # The end-of-word marker lets decode() glue pieces back into words.
         tokenizer = tokenizers.Tokenizer(models.BPE(unk_token=unk, end_of_word_suffix="</w>"))
