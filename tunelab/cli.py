@@ -4,6 +4,8 @@
     tunelab finetune imdb --model minilm --method full   fine-tune a pretrained encoder (or --model PATH)
     tunelab finetune imdb --method lora --r 8 --merge    ... or parameter-efficiently (lora, dora, ia3, prompt, ...)
     tunelab pretrain-mlm imdb [options]             pretrain a small BERT with masked language modelling
+    tunelab pretrain-lm imdb [options]              pretrain a small Llama as a causal language model
+    tunelab generate MODEL_OR_RUN "a prompt"        continue a prompt with a GPT-2 / Llama
     tunelab compress RUN_DIR --method nf4 --out DIR  quantize, prune or cluster a saved run into a new run
     tunelab evaluate RUN_DIR                        accuracy of a saved run on the test split
     tunelab predict RUN_DIR "a review" ...          sentiment of some texts
@@ -85,6 +87,19 @@ MLM_OPTIONS = command_options(
     {"--hidden-size": ("model", "hidden_size", int, "width of the encoder (default 256)"),
      "--heads": ("model", "num_attention_heads", int, "attention heads (default 4)"),
      "--intermediate-size": ("model", "intermediate_size", int, "feed-forward width (default 1024)")})
+
+
+LM_OPTIONS = command_options(
+    {"--data-dir": None, "--limit": "default: all 75,000 unsupervised + train", "--vocab-size": "BPE, default 8192",
+     "--layers": {"key": "num_hidden_layers", "note": "default 6"}, "--epochs": "default 1",
+     "--batch-size": "default 32", "--lr": "default 1e-3", "--max-steps": None, "--seed": None, "--device": None},
+    {"--block-size": ("data", "block_size", int, "tokens per packed training sequence (default 256)"),
+     "--hidden-size": ("model", "hidden_size", int, "width of the decoder (default 384)"),
+     "--heads": ("model", "num_attention_heads", int, "query heads (default 6)"),
+     "--kv-heads": ("model", "num_key_value_heads", int, "key/value heads, grouped-query attention (default 2)"),
+     "--intermediate-size": ("model", "intermediate_size", int, "SwiGLU width (default 1024)"),
+     "--eval-every": ("train", "eval_every_steps", int, "evaluate and write samples every this many steps"),
+     "--precision": ("train", "mixed_precision", str, "auto, bf16 (autocast, fast on CPUs with AMX) or no")})
 
 
 def _names(text: str) -> list[str]:
@@ -180,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Pretrain a BERT from scratch on IMDB text (never the test split) by masked language "
                                 "modelling; the run folder is a Hugging Face model that `tunelab finetune imdb "
                                 "--model RUN_DIR` fine-tunes.")
+
+    add_run_command(commands, "pretrain-lm", LM_OPTIONS, "runs/lm", "data/model/train",
+                    "the corpus (imdb: unsupervised + train reviews)",
+                    help="pretrain a small Llama as a causal language model",
+                    description="Pretrain a Llama from scratch on IMDB text (never the test split) by next-token "
+                                "prediction on packed reviews; the run folder is a Hugging Face model that "
+                                "`tunelab generate RUN_DIR \"prompt\"` continues.")
 
     compressions = "\n".join(f"  {name:17s} {c.summary}" for name, c in COMPRESSIONS.items())
     compress = commands.add_parser("compress", help="quantize, prune or cluster a saved run into a new run",
@@ -296,6 +318,23 @@ def _pretrain_mlm(args) -> None:
           f"{results['train_seconds']:.0f} s); Hugging Face model saved in {args.out}")
 
 
+def _pretrain_lm(args) -> None:
+    from tunelab.tasks.imdb_lm import LmRunConfig, run_imdb_lm
+
+    values = run_settings(args, LM_OPTIONS, ("data", "model", "train"))
+    if args.resume:  # the saved model section holds the built config (vocab size etc.): keep the choices only
+        values["model"] = {k: values["model"][k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                           "num_key_value_heads", "intermediate_size")
+                           if k in values.get("model", {})}
+    results = run_imdb_lm(LmRunConfig.from_dict(values), args.out)
+    print(f"validation perplexity {results['val_perplexity']:.2f} (loss {results['val_loss']:.3f}) on "
+          f"{results['val_tokens']:,} held-out tokens ({results['parameters']:,} parameters, "
+          f"{results['train_tokens_seen']:,} tokens seen, {results['train_seconds']:.0f} s); "
+          f"Hugging Face model saved in {args.out}")
+    for sample in results["samples"]:
+        print(f"  {sample!r}")
+
+
 def _compress(args) -> None:
     from tunelab.tasks.compression import compress_run
 
@@ -349,7 +388,8 @@ def _generate(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "finetune": _finetune, "pretrain-mlm": _pretrain_mlm, "compress": _compress,
+    handlers = {"train": _train, "finetune": _finetune, "pretrain-mlm": _pretrain_mlm, "pretrain-lm": _pretrain_lm,
+                "compress": _compress,
                 "evaluate": _evaluate, "predict": _predict, "generate": _generate}
     try:
         handlers[args.command](args)
