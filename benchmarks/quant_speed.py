@@ -26,7 +26,6 @@ import json
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
