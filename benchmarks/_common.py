@@ -68,6 +68,22 @@ def add_no_save(parser: argparse.ArgumentParser) -> None:
                         help="do not keep the run (benchmarks/results) nor rebuild RESULTS.md")
 
 
+def add_training_run_options(parser: argparse.ArgumentParser) -> None:
+    """What every benchmark that trains takes: --threads, --device, --resume and --no-save."""
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", help="cpu, cuda or auto")
+    parser.add_argument("--resume", action="store_true")
+    add_no_save(parser)
+
+
+def parse_with_threads(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parser.parse_args(argv), then torch.set_num_threads(--threads) when given."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def saved_runs(benchmark: str) -> dict[str, dict]:
     """{label: results} of every run `save_run` kept for `benchmark`."""
     folder = RUN_RESULTS / benchmark

@@ -21,9 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
-from _common import add_no_save, resumable, save_run
+from _common import add_training_run_options, parse_with_threads, resumable, save_run
 from tunelab.tasks.imdb_lm import LmRunConfig, run_imdb_lm
 
 FIGURE = Path(__file__).resolve().parent / "figures" / "imdb_lm.png"
@@ -37,13 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden-size", type=int, default=384)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--device", help="cpu, cuda or auto")
-    parser.add_argument("--resume", action="store_true")
-    add_no_save(parser)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_training_run_options(parser)
+    args = parse_with_threads(parser, argv)
     config = LmRunConfig.from_dict({
         "data": {"limit": args.limit},
         "model": {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers},

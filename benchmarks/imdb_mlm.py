@@ -20,9 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from _common import add_no_save, save_run
+from _common import add_training_run_options, parse_with_threads, save_run
 from tunelab.tasks.imdb_finetune import FinetuneRunConfig, run_imdb_finetune
 from tunelab.tasks.imdb_mlm import MlmRunConfig, run_imdb_mlm
 
@@ -40,13 +38,8 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per review when fine-tuning")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--device", help="cpu, cuda or auto")
-    parser.add_argument("--resume", action="store_true")
-    add_no_save(parser)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_training_run_options(parser)
+    args = parse_with_threads(parser, argv)
     device = {"device": args.device} if args.device else {}
     mlm_dir, clf_dir = args.out / "mlm", args.out / "finetune"
     if not (args.resume and (mlm_dir / "results.json").exists()):

@@ -330,3 +330,15 @@ def test_lesson_13_weight_clustering(tmp_path, imdb_dir):
     assert r["zeros_kept"] is True  # pruned weights stay exactly zero through clustering and fine-tuning
     assert_figures(out, ["13_codebooks.png", "13_deep_compression.png"])
     assert (out / "13_clustered.safetensors").is_file()
+
+
+def test_lesson_15_causal_lms_and_generation(tmp_path, imdb_dir):
+    r, out = run_lesson("15_causal_lms_and_generation.py", tmp_path, imdb_dir)
+    assert r["causal_ok"] is True  # changing the last token moves only the last position's logits
+    assert r["hf_diff"] < 1e-5  # 0.0: our Llama is Hugging Face's, logit for logit
+    assert r["relative_ok"] is True  # RoPE: equal distances give equal q.k
+    assert r["gqa_ratio"] == 4.0  # 8 query heads share 2 key/value heads: a 4x smaller cache
+    assert r["same_tokens"] is True and r["same_as_hf"] is True  # the cache changes no token, nor does HF
+    assert r["cache_speedup"] > 1.3  # 2.4x for 96 new tokens (and growing with the length)
+    assert r["top_k_kept"] == 20 and 1 <= r["top_p_kept"] < 512  # 105 of 512 tokens hold half the mass
+    assert_figures(out, ["15_rope.png", "15_sampling.png"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from tests.core.decoder_pairs import ALL, GPT_CONFIGS, LLAMA_CONFIGS, gpt_pair, llama_pair, pair, padded
+from tests.core.decoder_pairs import ALL, gpt_pair, llama_pair, pair, padded
 from tunelab.core.decoder import (
     GPT,
     GPTConfig,

@@ -53,7 +53,7 @@ def test_an_old_lora_run_loads_to_its_old_predictions(tmp_path, imdb_dir):
 
 
 def test_every_job_registers_its_task():
-    assert runs.registered_tasks() == ["imdb-classification", "imdb-compressed", "imdb-finetune", "imdb-mlm"]
+    assert runs.registered_tasks() == ["imdb-classification", "imdb-compressed", "imdb-finetune", "imdb-lm", "imdb-mlm"]
 
 
 def test_bad_run_folders_are_refused_by_name(tmp_path):

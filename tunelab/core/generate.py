@@ -178,16 +178,15 @@ def generate_text(model: nn.Module, tokenizer, prompts: str | Sequence[str], max
     ids, mask = (t.to(device) for t in pad_sequences(encoded, tokenizer.pad_id, side="left"))
     options.setdefault("eos_token_id", tokenizer.eos_id)
     options.setdefault("pad_token_id", tokenizer.pad_id)
-    streamer, new = None, []
-    if on_text is not None and len(prompts) == 1:
-        shown = ""
+    new, shown = [], ""
 
-        def streamer(token: Tensor) -> None:
-            nonlocal shown
-            new.append(int(token[0]))
-            text = tokenizer.decode(new)
-            if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its last byte
-                on_text(text[len(shown):])
-                shown = text
+    def stream(token: Tensor) -> None:  # the text so far, decoded again: BPE pieces may merge across tokens
+        nonlocal shown
+        new.append(int(token[0]))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its last byte
+            on_text(text[len(shown):])
+            shown = text
+    streamer = stream if on_text is not None and len(prompts) == 1 else None
     out = generate(model, ids, max_new_tokens, mask, streamer=streamer, **options)
     return [tokenizer.decode(row[ids.shape[1]:].tolist()) for row in out]
