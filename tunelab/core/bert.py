@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tunelab.core.attention import ATTENTION_IMPLS
+from tunelab.core.family import ModelFamily
 from tunelab.core.layers import ACTIVATIONS, EncoderLayer
 
 # Hugging Face `hidden_act` names -> ours (tunelab.core.layers.ACTIVATIONS).
@@ -437,3 +438,17 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], allow_miss
 
 def _is_head(hf_name: str) -> bool:
     return hf_name.startswith(("cls.", "classifier."))
+
+
+def _encoder(model: nn.Module) -> BertModel:
+    return model if isinstance(model, BertModel) else model.bert
+
+
+BERT_FAMILY = ModelFamily(
+    name="bert", hf_module_names=hf_module_names,
+    embeddings=lambda model: _encoder(model).embeddings.word_embeddings,
+    blocks=lambda model: _encoder(model).layers,
+    lora_targets=("q_proj", "v_proj"), feedforward=("ff.linear2",),
+    task_type=lambda model: "SEQ_CLS" if isinstance(model, BertForSequenceClassification) else None)
+for _cls in (BertModel, BertForSequenceClassification, BertForMaskedLM):
+    _cls.family = BERT_FAMILY

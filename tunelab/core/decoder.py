@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tunelab.core.attention import ATTENTION_IMPLS, make_attention_bias, scaled_dot_product_attention
+from tunelab.core.family import ModelFamily
 from tunelab.core.layers import ACTIVATIONS
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
@@ -606,6 +607,19 @@ class Llama(CausalLM):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+
+# ---------------------------------------------------------------- the families, as tunelab.peft reads them
+
+GPT2_FAMILY = ModelFamily(
+    name="gpt2", hf_module_names=lambda model: {}, embeddings=lambda model: model.transformer.wte,
+    blocks=lambda model: model.transformer.h, lora_targets=("c_attn",), feedforward=("mlp.c_proj",),
+    task_type=lambda model: "CAUSAL_LM", transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+LLAMA_FAMILY = ModelFamily(
+    name="llama", hf_module_names=lambda model: {}, embeddings=lambda model: model.model.embed_tokens,
+    blocks=lambda model: model.model.layers, lora_targets=("q_proj", "v_proj"), feedforward=("down_proj",),
+    task_type=lambda model: "CAUSAL_LM")
+GPT.family, Llama.family = GPT2_FAMILY, LLAMA_FAMILY  # module names are Hugging Face's: an empty name table
 
 
 # ---------------------------------------------------------------- Hugging Face files

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tunelab.core.bert import BertForSequenceClassification
+from tunelab.core.family import family_of
 from tunelab.peft.inject import add_modules_to_save, find_targets, matches, replace_module, saved_module_tensors
 from tunelab.peft.saving import peft_key, read_adapter, split_peft_key, to_hf_path, write_adapter
 
@@ -168,7 +168,8 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
         path, _, leaf = name.rpartition(".")
         tensors[peft_key(model, path, leaf, "IA3")] = tensor.detach().cpu().contiguous()
     # peft's task_type picks the PeftModel class that `PeftModel.from_pretrained` builds around the model
-    task_type = "SEQ_CLS" if isinstance(model, BertForSequenceClassification) else None
+    family = family_of(model)
+    task_type = family.task_type(model) if family else None
     config = dict(peft_type="IA3", task_type=task_type, inference_mode=True,
                   target_modules=[to_hf_path(model, n) for n in layers],
                   feedforward_modules=[to_hf_path(model, n) for n, layer in layers.items() if layer.feedforward],

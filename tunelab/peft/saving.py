@@ -7,7 +7,7 @@ adapter_model.safetensors, whose tensor names are the module paths of the Huggin
     prompt and prefix tuning:    prompt_embeddings, and base_model.<HF module path>.<leaf> for saved heads
 
 The adapter's own name ("default") never appears in the file. Our module paths are translated with the
-model family's name table (`tunelab.core.bert.hf_module_names`); models without one keep our names.
+model family's name table (`tunelab.core.family`); models without one keep our names.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from tunelab.core.bert import hf_module_names
+from tunelab.core.family import hf_module_names
 from tunelab.core.io import atomic_folder, read_safetensors, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -1,0 +1,81 @@
+"""Every PEFT method reads a model family's description, not its classes: LoRA on GPT-2 and Llama against peft."""
+
+import pytest
+import torch
+
+from tests.core.decoder_pairs import gpt_pair, llama_pair, padded
+from tunelab.core.family import family_of
+from tunelab.peft.lora import LoRAConfig, apply_lora, load_adapter, lora_layers, save_adapter
+
+peft = pytest.importorskip("peft", reason="the parity tests compare with Hugging Face peft")
+
+FAMILIES = {"gpt": (gpt_pair, ("c_attn", "c_proj", "c_fc")), "llama": (llama_pair, ("q_proj", "v_proj", "down_proj"))}
+
+
+def peft_model(hf, targets, seed=0):
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
+                             task_type="CAUSAL_LM")
+    return peft.get_peft_model(hf, config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_adapter_loads_into_ours_with_equal_logits_and_gradients(family, tmp_path):
+    make, targets = FAMILIES[family]
+    hf, ours = make()
+    theirs = peft_model(hf, targets)
+    theirs.save_pretrained(tmp_path)
+    load_adapter(ours, tmp_path)
+    assert len(lora_layers(ours)) == sum(1 for n, _ in theirs.named_modules() if n.endswith(targets) and
+                                         hasattr(theirs.get_submodule(n), "lora_A"))
+    ids, mask = padded([7, 4], ours.config.vocab_size)
+    theirs_logits, ours_logits = theirs(ids, attention_mask=mask).logits, ours(ids, mask)
+    real = mask.bool()
+    assert (theirs_logits[real] - ours_logits[real]).abs().max() <= 1e-5
+    (theirs_logits[real].square().mean()).backward()
+    (ours_logits[real].square().mean()).backward()
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    compared = 0
+    for name, p in theirs.named_parameters():
+        if "lora_" in name:
+            path = name.removeprefix("base_model.model.").replace(".default", "")
+            ours_name = path.replace("lora_A.weight", "adapters.default.A.weight").replace(
+                "lora_B.weight", "adapters.default.B.weight")
+            assert (p.grad - ours_grads[ours_name]).abs().max() <= 1e-5, name
+            compared += 1
+    assert compared == 2 * len(lora_layers(ours))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_adapter_loads_into_peft_with_equal_logits(family, tmp_path):
+    make, targets = FAMILIES[family]
+    hf, ours = make(seed=2)
+    apply_lora(ours, LoRAConfig(r=4, alpha=8, targets=targets, modules_to_save=()))
+    for layer in lora_layers(ours).values():  # B starts at zero; make the update visible
+        torch.nn.init.normal_(layer.adapters["default"].B.weight, std=0.2)
+    save_adapter(ours, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    assert loaded.peft_config["default"].fan_in_fan_out is (family == "gpt")
+    assert loaded.peft_config["default"].task_type == "CAUSAL_LM"
+    ids = torch.randint(3, ours.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        assert (loaded(ids).logits - ours(ids)).abs().max() <= 1e-5
+        merged = loaded.merge_and_unload()  # peft's merge transposes the update for Conv1D: fan_in_fan_out
+        assert (merged(ids).logits - ours(ids)).abs().max() <= 1e-5
+
+
+def test_each_family_describes_itself():
+    _, gpt = gpt_pair()
+    _, llama = llama_pair()
+    assert family_of(gpt).name == "gpt2" and family_of(llama).name == "llama"
+    assert family_of(gpt).embeddings(gpt) is gpt.transformer.wte and family_of(llama).blocks(llama) is llama.model.layers
+    assert family_of(gpt).is_transposed("transformer.h.0.attn.c_attn") and not family_of(llama).is_transposed(
+        "model.layers.0.self_attn.q_proj")
+    assert family_of(torch.nn.Linear(2, 2)) is None
+
+
+def test_an_adapter_mixing_conv1d_and_linear_layers_is_refused_for_peft(tmp_path):
+    _, ours = gpt_pair()
+    apply_lora(ours, LoRAConfig(r=2, targets=("c_attn", "lm_head"), modules_to_save=()))
+    with pytest.raises(ValueError, match="mix Conv1D layers with Linear ones"):
+        save_adapter(ours, tmp_path)
