@@ -68,7 +68,8 @@ def test_each_family_describes_itself():
     _, gpt = gpt_pair()
     _, llama = llama_pair()
     assert family_of(gpt).name == "gpt2" and family_of(llama).name == "llama"
-    assert family_of(gpt).embeddings(gpt) is gpt.transformer.wte and family_of(llama).blocks(llama) is llama.model.layers
+    assert family_of(gpt).embeddings(gpt) is gpt.transformer.wte
+    assert family_of(llama).blocks(llama) is llama.model.layers
     assert family_of(gpt).is_transposed("transformer.h.0.attn.c_attn") and not family_of(llama).is_transposed(
         "model.layers.0.self_attn.q_proj")
     assert family_of(torch.nn.Linear(2, 2)) is None
@@ -79,3 +80,37 @@ def test_an_adapter_mixing_conv1d_and_linear_layers_is_refused_for_peft(tmp_path
     apply_lora(ours, LoRAConfig(r=2, targets=("c_attn", "lm_head"), modules_to_save=()))
     with pytest.raises(ValueError, match="mix Conv1D layers with Linear ones"):
         save_adapter(ours, tmp_path)
+
+
+IA3_TARGETS = {"gpt": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+               "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"])}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ia3_adapters_cross_between_peft_and_ours(family, tmp_path):
+    from tunelab.peft.ia3 import ia3_layers
+    from tunelab.peft.ia3 import load_adapter as load_ia3
+    from tunelab.peft.ia3 import save_adapter as save_ia3
+
+    make, _ = FAMILIES[family]
+    hf, ours = make(seed=3)
+    targets, feedforward = IA3_TARGETS[family]
+    theirs = peft.get_peft_model(hf, peft.IA3Config(target_modules=targets, feedforward_modules=feedforward,
+                                                    task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    for name, p in theirs.named_parameters():
+        if "ia3_l" in name:
+            p.data.normal_(1.0, 0.3)  # away from the identity start, so the comparison can fail
+    theirs.save_pretrained(tmp_path / "theirs")
+    load_ia3(ours, tmp_path / "theirs")
+    assert len(ia3_layers(ours)) == len(targets) * len(family_of(ours).blocks(ours))
+    ids = torch.randint(3, ours.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert (ours(ids) - expected).abs().max() <= 1e-5
+    save_ia3(ours, tmp_path / "ours")
+    hf_again, _ = make(seed=3)
+    back = peft.PeftModel.from_pretrained(hf_again, tmp_path / "ours").eval()
+    assert back.peft_config["default"].fan_in_fan_out is (family == "gpt")
+    with torch.no_grad():
+        assert (back(ids).logits - expected).abs().max() <= 1e-5

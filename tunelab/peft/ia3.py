@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tunelab.core.family import family_of
 from tunelab.peft.inject import add_modules_to_save, find_targets, matches, replace_module, saved_module_tensors
-from tunelab.peft.saving import peft_key, read_adapter, split_peft_key, to_hf_path, write_adapter
+from tunelab.peft.saving import fan_in_fan_out, peft_key, read_adapter, split_peft_key, to_hf_path, write_adapter
 
 ADAPTER_NAME = "default"  # peft's name for a single adapter; it never appears in the saved file
 PEFT_LEAF = "ia3_l"
@@ -173,7 +173,8 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     config = dict(peft_type="IA3", task_type=task_type, inference_mode=True,
                   target_modules=[to_hf_path(model, n) for n in layers],
                   feedforward_modules=[to_hf_path(model, n) for n, layer in layers.items() if layer.feedforward],
-                  modules_to_save=[to_hf_path(model, n) for n in saved] or None, fan_in_fan_out=False,
+                  modules_to_save=[to_hf_path(model, n) for n in saved] or None,
+                  fan_in_fan_out=fan_in_fan_out(model, layers),
                   init_ia3_weights=True, base_model_name_or_path=None)
     return write_adapter(folder, config, tensors)
 

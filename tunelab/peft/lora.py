@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from tunelab.core.family import family_of
 from tunelab.peft.inject import ModulesToSave, add_modules_to_save, find_targets, matches, replace_module, set_active
-from tunelab.peft.saving import from_hf_path, key_prefix, peft_key, read_adapter, to_hf_path, write_adapter
+from tunelab.peft.saving import (fan_in_fan_out, from_hf_path, key_prefix, peft_key, read_adapter, to_hf_path,
+                                  write_adapter)
 
 
 @dataclass
@@ -335,20 +336,9 @@ def save_adapter(model: nn.Module, folder: str | Path, adapter_name: str = "defa
                    "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
                    "use_dora": config.use_dora, "target_modules": sorted(to_hf_path(model, n) for n in layers),
                    "modules_to_save": saved or None, "init_lora_weights": True, "inference_mode": True,
-                   "base_model_name_or_path": None, **UNSUPPORTED, "fan_in_fan_out": _fan_in_fan_out(model, layers)}
+                   "base_model_name_or_path": None, **UNSUPPORTED, "fan_in_fan_out": fan_in_fan_out(model, layers)}
     return write_adapter(folder, peft_config, tensors)
 
-
-def _fan_in_fan_out(model: nn.Module, paths) -> bool:
-    """peft's fan_in_fan_out for these adapted layers: True when Hugging Face stores their weights (in, out), as
-    GPT-2's Conv1D (our nn.Linear holds the transpose, so the adapter tensors are the same; only peft's merge
-    needs to know). One setting serves the whole adapter, so a mix of both kinds cannot be written for peft."""
-    family = family_of(model)
-    kinds = {bool(family and family.is_transposed(path)) for path in paths}
-    if len(kinds) > 1:
-        raise ValueError("peft's adapter config has one fan_in_fan_out for all layers; these targets mix Conv1D "
-                         f"layers with Linear ones: {sorted(paths)}")
-    return kinds.pop()
 
 
 def load_adapter(model: nn.Module, folder: str | Path, adapter_name: str = "default") -> nn.Module:
@@ -374,7 +364,7 @@ def load_adapter(model: nn.Module, folder: str | Path, adapter_name: str = "defa
             saved_tensors.setdefault(from_hf_path(model, hf_module), {})[leaf] = tensor
     if not adapter_tensors:
         raise ValueError(f"{folder}: the adapter file holds no lora_A / lora_B tensors")
-    if bool(peft_config.get("fan_in_fan_out", False)) != _fan_in_fan_out(model, adapter_tensors):
+    if bool(peft_config.get("fan_in_fan_out", False)) != fan_in_fan_out(model, adapter_tensors):
         raise ValueError(f"{folder}: fan_in_fan_out={peft_config.get('fan_in_fan_out')} does not match the adapted "
                          f"layers of {type(model).__name__} (Conv1D-stored layers need True, Linear ones False)")
     existing = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))}

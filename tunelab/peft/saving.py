@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from tunelab.core.family import hf_module_names
+from tunelab.core.family import family_of, hf_module_names
 from tunelab.core.io import atomic_folder, read_safetensors, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,6 +56,18 @@ def split_peft_key(model: nn.Module, key: str, peft_type: str, leaves: tuple[str
         if rest.endswith("." + leaf):
             return from_hf_path(model, rest[: -len(leaf) - 1]), leaf
     return None
+
+
+def fan_in_fan_out(model: nn.Module, paths) -> bool:
+    """peft's fan_in_fan_out for these adapted layers: True when Hugging Face stores their weights (in, out), as
+    GPT-2's Conv1D (our nn.Linear holds the transpose, so the adapter tensors are the same; only peft's merge
+    needs to know). One setting serves the whole adapter, so a mix of both kinds cannot be written for peft."""
+    family = family_of(model)
+    kinds = {bool(family and family.is_transposed(path)) for path in paths}
+    if len(kinds) > 1:
+        raise ValueError("peft's adapter config has one fan_in_fan_out for all layers; these targets mix Conv1D "
+                         f"layers with Linear ones: {sorted(paths)}")
+    return kinds.pop()
 
 
 def write_adapter(folder: str | Path, config: dict, tensors: dict[str, Tensor]) -> Path:
