@@ -114,3 +114,29 @@ def test_ia3_adapters_cross_between_peft_and_ours(family, tmp_path):
     assert back.peft_config["default"].fan_in_fan_out is (family == "gpt")
     with torch.no_grad():
         assert (back(ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_layers_train_the_top_block_the_final_norm_and_the_head(family):
+    from tunelab.peft.selective import train_last_layers
+
+    _, ours = FAMILIES[family][0]()
+    train_last_layers(ours, 1, modules_to_save=("lm_head",))
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    top = "transformer.h.1." if family == "gpt" else "model.layers.1."
+    norm = "transformer.ln_f." if family == "gpt" else "model.norm."
+    assert trained and all(n.startswith((top, norm, "lm_head")) or n == "transformer.wte.weight" for n in trained)
+    assert any(n.startswith(top) for n in trained) and any(n.startswith(norm) for n in trained)
+    assert not any(n.startswith(top.replace(".1.", ".0.")) for n in trained)
+
+
+def test_bitfit_trains_the_biases_of_gpt2_and_refuses_llama_which_has_none():
+    from tunelab.peft.selective import apply_bitfit
+
+    _, gpt = gpt_pair()
+    apply_bitfit(gpt, modules_to_save=())
+    trained = [n for n, p in gpt.named_parameters() if p.requires_grad]
+    assert trained and all(n.endswith(".bias") for n in trained)
+    _, llama = llama_pair()
+    with pytest.raises(ValueError, match="no bias parameter"):
+        apply_bitfit(llama, modules_to_save=())

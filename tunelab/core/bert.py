@@ -448,7 +448,7 @@ BERT_FAMILY = ModelFamily(
     name="bert", hf_module_names=hf_module_names,
     embeddings=lambda model: _encoder(model).embeddings.word_embeddings,
     blocks=lambda model: _encoder(model).layers,
-    lora_targets=("q_proj", "v_proj"), feedforward=("ff.linear2",),
+    lora_targets=("q_proj", "v_proj"), feedforward=("ff.linear2",), top=("pooler",),
     task_type=lambda model: "SEQ_CLS" if isinstance(model, BertForSequenceClassification) else None)
 for _cls in (BertModel, BertForSequenceClassification, BertForMaskedLM):
     _cls.family = BERT_FAMILY

@@ -613,11 +613,12 @@ class Llama(CausalLM):
 
 GPT2_FAMILY = ModelFamily(
     name="gpt2", hf_module_names=lambda model: {}, embeddings=lambda model: model.transformer.wte,
-    blocks=lambda model: model.transformer.h, lora_targets=("c_attn",), feedforward=("mlp.c_proj",),
+    blocks=lambda model: model.transformer.h, lora_targets=("c_attn",), feedforward=("mlp.c_proj",), top=("ln_f",),
     task_type=lambda model: "CAUSAL_LM", transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 LLAMA_FAMILY = ModelFamily(
     name="llama", hf_module_names=lambda model: {}, embeddings=lambda model: model.model.embed_tokens,
     blocks=lambda model: model.model.layers, lora_targets=("q_proj", "v_proj"), feedforward=("down_proj",),
+    top=("model.norm",),
     task_type=lambda model: "CAUSAL_LM")
 GPT.family, Llama.family = GPT2_FAMILY, LLAMA_FAMILY  # module names are Hugging Face's: an empty name table
 

@@ -9,6 +9,7 @@ so a method written once works on every family, and a new family is one new desc
     blocks            the stack of transformer blocks (prefix tuning, the last layers, adapters)
     lora_targets      peft's default target_modules for the family
     feedforward       the layers (IA)^3 scales at their input rather than their output
+    top               the modules between the last block and the head (BERT's pooler, a final norm)
     transposed        layers whose Hugging Face weight is stored (in, out), GPT-2's Conv1D: peft's fan_in_fan_out
     task_type         peft's task_type for a model of the family ("SEQ_CLS", "CAUSAL_LM", or None)
 """
@@ -30,6 +31,7 @@ class ModelFamily:
     lora_targets: tuple[str, ...]
     feedforward: tuple[str, ...]
     task_type: Callable[[nn.Module], str | None]
+    top: tuple[str, ...] = ()
     transposed: tuple[str, ...] = ()
 
     def is_transposed(self, module_path: str) -> bool:

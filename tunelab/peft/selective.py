@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from tunelab.core.family import family_of
 from tunelab.peft.inject import matches
 from tunelab.peft.saving import load_trained, save_trained
 
@@ -92,7 +93,12 @@ def apply_bitfit(model: nn.Module, modules_to_save: Sequence[str] = ("classifier
 
 
 def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of layers: the one nn.ModuleList named `layers` (`bert.layers`, `layers`)."""
+    """The model's stack of layers: its family's blocks (`bert.layers`, `transformer.h`, `model.layers`), else the
+    one nn.ModuleList named `layers` (TransformerClassifier's)."""
+    family = family_of(model)
+    if family is not None:
+        blocks = family.blocks(model)
+        return next(n for n, m in model.named_modules() if m is blocks), blocks
     stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and matches(n, ["layers"])]
     if len(stacks) != 1:
         lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
@@ -103,14 +109,15 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def train_last_layers(model: nn.Module, k: int, modules_to_save: Sequence[str] = ("classifier",)) -> nn.Module:
-    """Freeze the model except its last k layers, the modules above them (pooler, final_norm) and the head.
+    """Freeze the model except its last k layers, the modules above them (pooler, final norm) and the head.
 
     The classic alternative to PEFT when memory is short: lower layers hold general features, the top
     ones adapt most during fine-tuning, so training only the top k keeps most of the gain for a fraction
     of the optimizer state. Changes the model in place; returns it.
 
     Args:
-        model: a model with one nn.ModuleList named `layers` (BertForSequenceClassification, TransformerClassifier).
+        model: a model of a family (BERT, GPT-2, Llama), or one with one nn.ModuleList named `layers`
+            (TransformerClassifier).
         k: how many of the top layers to train, 1 <= k <= number of layers.
         modules_to_save: modules trained in full, by name suffix (the classification head).
     """
@@ -121,8 +128,10 @@ def train_last_layers(model: nn.Module, k: int, modules_to_save: Sequence[str] =
     freeze(model)
     for layer in layers[len(layers) - k:]:
         unfreeze(layer)
+    family = family_of(model)
+    on_top = family.top if family is not None else ON_TOP_OF_LAYERS
     for module_name, module in model.named_modules():
-        if matches(module_name, ON_TOP_OF_LAYERS):
+        if matches(module_name, on_top):
             unfreeze(module)
     unfreeze_modules(model, modules_to_save)
     return model
