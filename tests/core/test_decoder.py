@@ -217,3 +217,39 @@ def test_llama_rmsnorm_runs_in_float32_under_bf16():
         full = ours(ids)
         half = ours.to(torch.bfloat16)(ids).float()
     assert max_diff(half, full) < 0.1
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_inputs_embeds_equal_hugging_face(family):
+    hf, ours = (gpt_pair if family == "gpt" else llama_pair)()
+    embeds = torch.randn(2, 6, ours.input_embeddings().embedding_dim)
+    with torch.no_grad():
+        assert (ours(inputs_embeds=embeds) - hf(inputs_embeds=embeds).logits).abs().max() <= 1e-5
+        ids = torch.randint(3, 97, (2, 6))
+        assert torch.equal(ours(inputs_embeds=ours.input_embeddings()(ids)), ours(ids))
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        ours(ids, inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_prefilled_cache_equals_hugging_face_past_key_values(family):
+    """Prefix tuning's path: P given key/value positions in front, positions of the tokens starting at P."""
+    from transformers import DynamicCache
+
+    hf, ours = (gpt_pair if family == "gpt" else llama_pair)()
+    B, P, T = 2, 3, 5
+    shape = (B, ours.n_kv_heads, P, ours.head_dim)
+    prefixes = [(torch.randn(shape), torch.randn(shape)) for _ in ours.blocks]
+    ids = torch.randint(3, 97, (B, T))
+    mask = torch.ones(B, P + T, dtype=torch.long)
+    mask[1, P:P + 2] = 0  # padding inside the tokens too (right after the prefix: a left-padded row)
+    past = DynamicCache()
+    for layer, (k, v) in enumerate(prefixes):
+        past.update(k.clone(), v.clone(), layer)
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, past_key_values=past).logits
+        cache = ours.new_cache(B, P + T + 4).prefill(prefixes)
+        logits = ours(ids, mask, cache=cache)
+    real = mask[:, P:].bool()
+    assert cache.length == P + T
+    assert (logits[real] - expected[real]).abs().max() <= 1e-5

@@ -234,21 +234,41 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, H_kv, length + T, D)
 
+    def prefill(self, prefixes: list[tuple[Tensor, Tensor]]) -> "KVCache":
+        """Start the cache with P given positions per layer, (keys, values) each (B, H_kv, P, D): prefix tuning's
+        learned prefixes (Li & Liang 2021), which then sit in front of every token the model sees or generates.
+        The caller's attention mask covers them (P ones in front) and positions start after them, as in peft."""
+        if self.length:
+            raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
+        if len(prefixes) != self.keys.shape[0]:
+            raise ValueError(f"expected one (keys, values) prefix per layer ({self.keys.shape[0]}), got {len(prefixes)}")
+        for layer, (k, v) in enumerate(prefixes):
+            self.update(layer, k, v)
+        self.length = prefixes[0][0].shape[2]
+        return self
+
     def reorder(self, rows: Tensor) -> None:
         """Keep the cache rows `rows` (e.g. the prompts still generating), in that order."""
         self.keys, self.values = self.keys[:, rows], self.values[:, rows]
 
 
-def _check_forward_inputs(input_ids: Tensor, attention_mask, position_ids, cache, vocab_size: int,
-                          max_positions: int | None) -> int:
+def _check_forward_inputs(input_ids: Tensor | None, attention_mask, position_ids, cache, vocab_size: int,
+                          max_positions: int | None, inputs_embeds: Tensor | None = None, width: int = 0) -> int:
     """Validate the shared forward inputs; return the number of cached positions P."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, C)")
+    if inputs_embeds is not None:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
+            raise ValueError(f"inputs_embeds must have shape (B, T, {width}), got {tuple(inputs_embeds.shape)}")
+        B, T = inputs_embeds.shape[:2]
+    elif not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"input_ids must be an integer tensor of shape (B, T), got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    B, T = input_ids.shape
+    else:
+        B, T = input_ids.shape
     if T == 0:
-        raise ValueError("input_ids has no tokens (T = 0)")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError("the input has no tokens (T = 0)")
+    if input_ids is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in "
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     past = 0
@@ -366,8 +386,9 @@ class GPTModel(nn.Module):
         self.h = nn.ModuleList(GPTBlock(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def embed(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, None]:
-        return self.drop(self.wte(input_ids) + self.wpe(position_ids)), None  # (B, T, C)
+    def embed(self, input_ids: Tensor | None, position_ids: Tensor, inputs_embeds: Tensor | None = None):
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        return self.drop(x + self.wpe(position_ids)), None  # (B, T, C)
 
 
 # ---------------------------------------------------------------- Llama
@@ -483,8 +504,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def embed(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+    def embed(self, input_ids: Tensor | None, position_ids: Tensor, inputs_embeds: Tensor | None = None):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         return x, self.rotary_emb(position_ids, x.dtype)
 
     @property
@@ -541,18 +562,20 @@ class CausalLM(nn.Module):
         return KVCache(len(self.blocks), batch_size, self.n_kv_heads, self.head_dim, max_length,
                        dtype or weight.dtype, weight.device)
 
-    def forward_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+    def forward_hidden(self, input_ids: Tensor | None, attention_mask: Tensor | None = None,
                        position_ids: Tensor | None = None, cache: KVCache | None = None,
-                       output_hidden_states: bool = False) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+                       output_hidden_states: bool = False, inputs_embeds: Tensor | None = None,
+                       ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """The final normed hidden states (B, T, C) and, if asked, Hugging Face's `hidden_states`: the embedding
         output, every block's output but the last, and the final normed output (n_layers + 1 tensors)."""
-        max_positions = getattr(self.config, "n_positions", None)
+        width = self.input_embeddings().embedding_dim
         past = _check_forward_inputs(input_ids, attention_mask, position_ids, cache, self.config.vocab_size,
-                                     max_positions)
-        B, T = input_ids.shape
+                                     getattr(self.config, "n_positions", None), inputs_embeds, width)
+        given = input_ids if inputs_embeds is None else inputs_embeds
+        B, T = given.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)  # (B, T)
-        x, position_embeddings = self.base.embed(input_ids, position_ids)  # (B, T, C)
+            position_ids = torch.arange(past, past + T, device=given.device)[None].expand(B, T)  # (B, T)
+        x, position_embeddings = self.base.embed(input_ids, position_ids, inputs_embeds)  # (B, T, C)
         states = [x] if output_hidden_states else None
         for block in self.blocks:
             x = block(x, attention_mask, past, cache, position_embeddings)  # (B, T, C)
@@ -565,18 +588,20 @@ class CausalLM(nn.Module):
             states[-1] = x
         return x, tuple(states) if output_hidden_states else None
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, cache: KVCache | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
         """Next-token logits (B, T, V).
 
         Args:
-            input_ids: (B, T) token ids.
+            input_ids: (B, T) token ids; or, instead, inputs_embeds (B, T, C): vectors in place of the token
+                embeddings (prompt tuning puts learned ones in front of the words').
             attention_mask: 1 = real token, 0 = padding; (B, T), or (B, P+T) covering the P cached positions too.
             position_ids: (B, T) positions; None: P, P+1, ..., P+T-1 (as Hugging Face's forward). For left-padded
                 batches pass cumsum(mask) - 1, as `tunelab.core.generate` does.
             cache: a `KVCache` from `new_cache`; the new keys and values are appended to it.
         """
-        h, _ = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
+        h, _ = self.forward_hidden(input_ids, attention_mask, position_ids, cache, inputs_embeds=inputs_embeds)
         return self.lm_head(h)  # (B, T, V)
 
 
