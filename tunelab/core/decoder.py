@@ -253,7 +253,8 @@ class KVCache:
 
 
 def _check_forward_inputs(input_ids: Tensor | None, attention_mask, position_ids, cache, vocab_size: int,
-                          max_positions: int | None, inputs_embeds: Tensor | None = None, width: int = 0) -> int:
+                          max_positions: int | None, inputs_embeds: Tensor | None = None,
+                          width: int = 0) -> int:
     """Validate the shared forward inputs; return the number of cached positions P."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, C)")
