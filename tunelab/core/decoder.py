@@ -241,7 +241,8 @@ class KVCache:
         if self.length:
             raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
         if len(prefixes) != self.keys.shape[0]:
-            raise ValueError(f"expected one (keys, values) prefix per layer ({self.keys.shape[0]}), got {len(prefixes)}")
+            raise ValueError(f"expected one (keys, values) prefix per layer ({self.keys.shape[0]}), "
+                             f"got {len(prefixes)}")
         for layer, (k, v) in enumerate(prefixes):
             self.update(layer, k, v)
         self.length = prefixes[0][0].shape[2]
