@@ -113,16 +113,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_training(model, run, batch: int, length: int, steps: int, warmup: int) -> dict:
+def time_training(model, run, batch: int, length: int, steps: int, warmup: int, vocab_size: int | None = None) -> dict:
     """Median seconds of an inference forward and of a training step (forward + backward + AdamW on the
     parameters that require grad), and the peak memory the steps add, for `run(ids, mask) -> logits`
-    on a (batch, length) batch of MiniLM-range token ids."""
+    on a (batch, length) batch of MiniLM-range token ids: a 2-class classification loss. With `vocab_size`,
+    ids drawn from the whole vocabulary and a causal LM's next-token loss on them instead."""
+    from tunelab.core.evaluation import causal_lm_loss
     from tunelab.core.train import make_optimizer
 
-    ids = torch.randint(1000, 30000, (batch, length))
-    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    if vocab_size is None:
+        ids = torch.randint(1000, 30000, (batch, length))
+        ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+        labels = torch.randint(0, 2, (batch,))
+        loss_of = lambda logits: torch.nn.functional.cross_entropy(logits, labels)  # noqa: E731
+    else:
+        ids = torch.randint(0, vocab_size, (batch, length))
+        loss_of = lambda logits: causal_lm_loss(logits, ids)  # noqa: E731
     mask = torch.ones_like(ids)
-    labels = torch.randint(0, 2, (batch,))
     model.eval()
     forwards = []
     with torch.no_grad():
@@ -136,7 +143,7 @@ def time_training(model, run, batch: int, length: int, steps: int, warmup: int) 
     step_times = []
     for _ in range(warmup + steps):
         start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(run(ids, mask), labels)
+        loss = loss_of(run(ids, mask))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
