@@ -302,17 +302,42 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, past
     """
     B, H, T, D = q.shape
     n_rep = H // k.shape[1]
-    if n_rep > 1:
-        k = k[:, :, None].expand(B, k.shape[1], n_rep, *k.shape[2:]).reshape(B, H, -1, D)  # (B, H, P+T, D)
-        v = v[:, :, None].expand(B, v.shape[1], n_rep, *v.shape[2:]).reshape(B, H, -1, D)
-    if attention_mask is None and (past == 0 or T == 1):
-        if impl == "fused" and (dropout_p == 0.0 or q.device.type != "cpu"):  # the kernel's own causal mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=past == 0 and T > 1)
-        bias = None if T == 1 else make_attention_bias(None, True, T, q.dtype, q.device)
+    fused = impl == "fused" and (dropout_p == 0.0 or q.device.type != "cpu")
+    if attention_mask is None and (T == 1 or (past == 0 and fused)):
+        bias = None  # one query sees every key kept; or the fused kernel's own causal mask (is_causal below)
     else:
         # the queries are the last T of P + T positions: query t sees the keys 0..P+t that are not padding
         bias = make_attention_bias(attention_mask, True, T, q.dtype, q.device, n_prefix=past)  # (B|1, 1, T, P+T)
+    if fused:
+        # SDPA reads the shared key/value heads itself (enable_gqa): no (B, H, P+T, D) copy of the cache per step
+        gqa = {"enable_gqa": True} if n_rep > 1 and SDPA_GQA else {}
+        if n_rep > 1 and not gqa:
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
+                                              is_causal=bias is None and T > 1, **gqa)  # (B, H, T, D)
+    if n_rep > 1:
+        k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)  # (B, H, P+T, D)
     return scaled_dot_product_attention(q, k, v, bias, dropout_p, impl)  # (B, H, T, D)
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """(B, H_kv, S, D) -> (B, H_kv * n_rep, S, D), each head repeated n_rep times in a row (Hugging Face's
+    repeat_kv)."""
+    B, H_kv, S, D = x.shape
+    return x[:, :, None].expand(B, H_kv, n_rep, S, D).reshape(B, H_kv * n_rep, S, D)
+
+
+def _sdpa_has_gqa() -> bool:
+    """Whether this torch's scaled_dot_product_attention takes enable_gqa (torch >= 2.5)."""
+    try:
+        q, kv = torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 1, 4)
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+SDPA_GQA = _sdpa_has_gqa()
 
 
 def _split(x: Tensor, n_heads: int, d_head: int) -> Tensor:
