@@ -43,7 +43,33 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; "./x", "/x/y",
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-class WordPieceTokenizer:
+class _Tokenizer:
+    """What every tokenizer here shares: a HF `tokenizers.Tokenizer` (Rust, batched) behind encode/decode."""
+
+    tokenizer: tokenizers.Tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
+        """Many texts at once (parallel in Rust): a list of id lists, no padding."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class WordPieceTokenizer(_Tokenizer):
     """A BERT tokenizer: text -> ids, read from a tokenizer.json with HF `tokenizers` (Rust, batched).
 
     `encode(text)` gives `[CLS] pieces [SEP]` like Hugging Face's tokenizer; `encode(text, False)` the
@@ -71,26 +97,6 @@ class WordPieceTokenizer:
             raise FileNotFoundError(f"no tokenizer file at {path}")
         return cls(tokenizers.Tokenizer.from_file(str(path)))
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"expected a str, got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def encode_batch(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
-        """Many texts at once (parallel in Rust): a list of id lists, no padding."""
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self.tokenizer.id_to_token(int(i)) for i in ids]
 
@@ -103,7 +109,7 @@ class WordPieceTokenizer:
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-class CausalTokenizer:
+class CausalTokenizer(_Tokenizer):
     """The tokenizer of a causal LM (byte-level BPE, GPT-2 and Llama style), read from a tokenizer.json.
 
     `encode(text)` gives the text's pieces (a BOS in front only when the tokenizer.json itself adds one);
@@ -140,25 +146,6 @@ class CausalTokenizer:
             return value.get("content") if isinstance(value, dict) else value
         eos = token("eos_token") or (raw.id_to_token(eos_id) if isinstance(eos_id, int) else None) or "<|endoftext|>"
         return cls(raw, eos, token("pad_token"), token("bos_token"))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"expected a str, got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def encode_batch(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def save(self, folder: str | Path) -> None:
         """tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
