@@ -180,7 +180,7 @@ def test_bad_configs_raise_and_leave_the_model_untouched(overrides, message):
 
 
 def test_apply_adapters_refuses_a_model_without_encoder_layers():
-    with pytest.raises(ValueError, match="apply_adapters found no EncoderLayer in Sequential"):
+    with pytest.raises(ValueError, match="apply_adapters found no transformer block in Sequential"):
         apply_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), modules_to_save=())
 
 

@@ -140,3 +140,119 @@ def test_bitfit_trains_the_biases_of_gpt2_and_refuses_llama_which_has_none():
     _, llama = llama_pair()
     with pytest.raises(ValueError, match="no bias parameter"):
         apply_bitfit(llama, modules_to_save=())
+
+
+# ---------------------------------------------------------------- prompt and prefix tuning on decoders
+
+P = 4  # virtual tokens
+
+
+def soft_prompt_pair(family, method, seed=0):
+    """peft's soft-prompt model and ours on the same tiny decoder, with the same (perturbed) virtual tokens."""
+    from tunelab.peft.prompt import apply_prefix_tuning, apply_prompt_tuning
+
+    hf, ours = FAMILIES[family][0](seed=seed)
+    make = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
+    theirs = peft.get_peft_model(hf, make(task_type="CAUSAL_LM", num_virtual_tokens=P)).eval()
+    apply = apply_prompt_tuning if method == "prompt" else apply_prefix_tuning
+    wrapper = apply(ours, num_virtual_tokens=P, modules_to_save=()).eval()
+    theirs_weight = theirs.prompt_encoder["default"].embedding.weight
+    ours_weight = wrapper.prompt_embeddings if method == "prompt" else wrapper.prefix_embeddings
+    with torch.no_grad():
+        theirs_weight.add_(0.1 * torch.randn_like(theirs_weight))
+        ours_weight.copy_(theirs_weight)
+    return theirs, wrapper, theirs_weight, ours_weight
+
+
+SOFT_PROMPTS = [(f, m) for f in FAMILIES for m in ("prompt", "prefix")]
+
+
+@pytest.mark.parametrize("family,method", SOFT_PROMPTS)
+def test_soft_prompts_give_pefts_logits_and_gradients(family, method):
+    theirs, wrapper, theirs_weight, ours_weight = soft_prompt_pair(family, method)
+    assert [n for n, p in wrapper.named_parameters() if p.requires_grad] == [
+        "prompt_embeddings" if method == "prompt" else "prefix_embeddings"]
+    assert ours_weight.numel() == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    ids, mask = padded([7, 4], wrapper.model.config.vocab_size)
+    theirs_logits, ours_logits = theirs(input_ids=ids, attention_mask=mask).logits, wrapper(ids, mask)
+    extra = P if method == "prompt" else 0  # prompt tuning's output covers the virtual positions too, as peft's
+    assert ours_logits.shape == (2, ids.shape[1] + extra, wrapper.model.config.vocab_size)
+    real = torch.cat([mask.new_ones(2, extra), mask], dim=1).bool()
+    assert (theirs_logits[real] - ours_logits[real]).abs().max() <= 1e-5
+    theirs_logits[real].square().mean().backward()
+    ours_logits[real].square().mean().backward()
+    assert ours_weight.grad.abs().max() > 0
+    assert (theirs_weight.grad - ours_weight.grad).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family,method", SOFT_PROMPTS)
+def test_soft_prompt_adapter_files_cross_between_peft_and_ours(family, method, tmp_path):
+    from tunelab.peft.prompt import load_adapter as load_prompt
+    from tunelab.peft.prompt import save_adapter as save_prompt
+
+    theirs, wrapper, _, _ = soft_prompt_pair(family, method, seed=5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    _, fresh, _, _ = soft_prompt_pair(family, method, seed=5)
+    with torch.no_grad():
+        fresh_weight = fresh.prompt_embeddings if method == "prompt" else fresh.prefix_embeddings
+        fresh_weight.zero_()  # only the file can make it equal again
+    load_prompt(fresh, tmp_path / "theirs")
+    ids = torch.randint(3, wrapper.model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        assert (fresh(ids) - expected).abs().max() <= 1e-5
+    save_prompt(wrapper, tmp_path / "ours")
+    hf_again, _ = FAMILIES[family][0](seed=5)
+    back = peft.PeftModel.from_pretrained(hf_again, tmp_path / "ours").eval()
+    assert back.peft_config["default"].task_type == "CAUSAL_LM"
+    with torch.no_grad():
+        assert (back(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family,method", SOFT_PROMPTS)
+def test_generation_with_a_soft_prompt_equals_pefts_and_the_uncached_loop(family, method):
+    from tunelab.core.generate import generate
+
+    theirs, wrapper, _, _ = soft_prompt_pair(family, method, seed=7)
+    ids = torch.randint(3, wrapper.model.config.vocab_size, (1, 5))
+    expected = theirs.generate(input_ids=ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = generate(wrapper, ids, 16, eos_token_id=[])
+    assert torch.equal(out, expected[:, -21:])  # the prompt ids followed by the new tokens
+    assert torch.equal(generate(wrapper, ids, 16, eos_token_id=[], use_cache=False), out)
+    with torch.no_grad():  # the soft prompt changes the next-token distribution
+        assert (wrapper(ids)[:, -1] - wrapper.model(ids)[:, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family,method", SOFT_PROMPTS)
+def test_a_left_padded_row_generates_with_a_soft_prompt_what_it_generates_alone(family, method):
+    from tunelab.core.generate import generate
+
+    _, wrapper, _, _ = soft_prompt_pair(family, method, seed=8)
+    ids, mask = padded([6, 3], wrapper.model.config.vocab_size, left=True, seed=2)
+    out = generate(wrapper, ids, 12, attention_mask=mask, eos_token_id=[])
+    alone = generate(wrapper, ids[1:, -3:], 12, eos_token_id=[])
+    assert torch.equal(out[1, -12:], alone[0, -12:])
+
+
+def test_bottleneck_adapters_start_as_the_identity_on_decoders_and_train_only_themselves():
+    from tunelab.peft.adapters import adapter_parameters, adapter_style, apply_adapters
+
+    for family, (make, _) in FAMILIES.items():
+        for style in ("houlsby", "pfeiffer"):
+            _, ours = make()
+            ids, mask = padded([7, 4], ours.config.vocab_size)
+            with torch.no_grad():
+                before = ours(ids, mask)
+            names_before = set(ours.state_dict())
+            apply_adapters(ours, style=style, reduction_factor=4, modules_to_save=())
+            assert adapter_style(ours) == style
+            assert names_before <= set(ours.state_dict())  # the model's own weights keep their names
+            blocks = len(family_of(ours).blocks(ours))
+            assert len(adapter_parameters(ours)) == 4 * blocks * (2 if style == "houlsby" else 1)
+            with torch.no_grad():
+                assert torch.equal(ours(ids, mask), before)
+            assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(adapter_parameters(ours))
+            with torch.no_grad():
+                for p in adapter_parameters(ours).values():
+                    p.normal_(std=0.5)
+                assert (ours(ids, mask) - before).abs().max() > 1e-3, (family, style)

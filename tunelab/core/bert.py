@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tunelab.core.attention import ATTENTION_IMPLS
-from tunelab.core.family import ModelFamily
+from tunelab.core.family import Dims, ModelFamily
 from tunelab.core.layers import ACTIVATIONS, EncoderLayer
 
 # Hugging Face `hidden_act` names -> ours (tunelab.core.layers.ACTIVATIONS).
@@ -444,11 +444,20 @@ def _encoder(model: nn.Module) -> BertModel:
     return model if isinstance(model, BertModel) else model.bert
 
 
+def _dims(c: BertConfig) -> Dims:
+    H = c.num_attention_heads
+    return Dims(c.hidden_size, c.num_hidden_layers, H, H, c.hidden_size // H, c.max_position_embeddings)
+
+
+# peft's task_type: it decides which PeftModel class `PeftModel.from_pretrained` builds around the model.
+TASK_TYPES = {BertForSequenceClassification: "SEQ_CLS", BertModel: "FEATURE_EXTRACTION", BertForMaskedLM: None}
+
+
 BERT_FAMILY = ModelFamily(
     name="bert", hf_module_names=hf_module_names,
     embeddings=lambda model: _encoder(model).embeddings.word_embeddings,
-    blocks=lambda model: _encoder(model).layers,
+    blocks=lambda model: _encoder(model).layers, dims=lambda model: _dims(model.config),
     lora_targets=("q_proj", "v_proj"), feedforward=("ff.linear2",), top=("pooler",),
-    task_type=lambda model: "SEQ_CLS" if isinstance(model, BertForSequenceClassification) else None)
+    task_type=lambda model: TASK_TYPES[type(model)])
 for _cls in (BertModel, BertForSequenceClassification, BertForMaskedLM):
     _cls.family = BERT_FAMILY

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tunelab.core.attention import ATTENTION_IMPLS, make_attention_bias, scaled_dot_product_attention
-from tunelab.core.family import ModelFamily
+from tunelab.core.family import Dims, ModelFamily
 from tunelab.core.layers import ACTIVATIONS
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
@@ -364,8 +364,7 @@ class GPTAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None, past: int, cache: KVCache | None,
-                kv_prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, attention_mask: Tensor | None, past: int, cache: KVCache | None) -> Tensor:
         """x: (B, T, C) -> (B, T, C)."""
         q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)  # 3 x (B, T, C)
         q, k, v = (_split(t, self.n_heads, self.d_head) for t in (q, k, v))  # (B, H, T, D)
@@ -390,8 +389,11 @@ class GPTMLP(nn.Module):
 
 
 class GPTBlock(nn.Module):
+    residual_branches = ("attn.resid_dropout", "mlp.dropout")  # the last module of each branch (adapters go there)
+
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
+        self.d_model = config.n_embd
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = GPTAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -509,16 +511,23 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
+    # Llama's branches end in a projection, not a dropout: two empty slots mark where adapters go, so wrapping
+    # them renames no weight (nn.Identity has none).
+    residual_branches = ("attn_out", "mlp_out")
+
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
+        self.d_model = config.hidden_size
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
+        self.attn_out, self.mlp_out = nn.Identity(), nn.Identity()
 
     def forward(self, x, attention_mask, past, cache, position_embeddings=None):
-        x = x + self.self_attn(self.input_layernorm(x), attention_mask, past, cache, position_embeddings)
-        return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, C)
+        h = self.self_attn(self.input_layernorm(x), attention_mask, past, cache, position_embeddings)
+        x = x + self.attn_out(h)  # (B, T, C)
+        return x + self.mlp_out(self.mlp(self.post_attention_layernorm(x)))  # (B, T, C)
 
 
 class LlamaModel(nn.Module):
@@ -665,11 +674,16 @@ class Llama(CausalLM):
 
 GPT2_FAMILY = ModelFamily(
     name="gpt2", hf_module_names=lambda model: {}, embeddings=lambda model: model.transformer.wte,
+    dims=lambda m: Dims(m.config.n_embd, m.config.n_layer, m.config.n_head, m.config.n_head, m.head_dim,
+                        m.config.n_positions),
     blocks=lambda model: model.transformer.h, lora_targets=("c_attn",), feedforward=("mlp.c_proj",), top=("ln_f",),
     task_type=lambda model: "CAUSAL_LM", transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 LLAMA_FAMILY = ModelFamily(
     name="llama", hf_module_names=lambda model: {}, embeddings=lambda model: model.model.embed_tokens,
-    blocks=lambda model: model.model.layers, lora_targets=("q_proj", "v_proj"), feedforward=("down_proj",),
+    blocks=lambda model: model.model.layers,
+    dims=lambda m: Dims(m.config.hidden_size, m.config.num_hidden_layers, m.config.num_attention_heads,
+                        m.config.num_key_value_heads, m.head_dim, None),
+    lora_targets=("q_proj", "v_proj"), feedforward=("down_proj",),
     top=("model.norm",),
     task_type=lambda model: "CAUSAL_LM")
 GPT.family, Llama.family = GPT2_FAMILY, LLAMA_FAMILY  # module names are Hugging Face's: an empty name table

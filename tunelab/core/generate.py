@@ -101,7 +101,8 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int = 20, atte
     padding) followed by the new tokens, n <= max_new_tokens (fewer when every row stopped early).
 
     Args:
-        model: a causal LM of `tunelab.core.decoder` (forward(ids, mask, position_ids, cache) -> logits).
+        model: a causal LM of `tunelab.core.decoder`, or one wrapped with prompt or prefix tuning: anything with
+            `new_cache(B, length)` and forward(ids, attention_mask=, position_ids=, cache=) -> (B, T, V) logits.
         input_ids: (B, T) prompts, left-padded when their lengths differ. attention_mask: (B, T) 1 = token.
         do_sample: draw from the processed distribution (else greedy). temperature, top_k, top_p: sampling only.
         repetition_penalty: > 1 discourages tokens already in the row (prompt included).
@@ -138,7 +139,7 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int = 20, atte
             if cache is None:  # the whole sequence again
                 step_ids, step_positions = ids[:, :length], positions[:, :length]
             step_mask = full_mask[:, :length] if padded else None  # (B, P + T): the cached positions too
-            logits = model(step_ids, step_mask, step_positions, cache)[:, -1]  # (B, V)
+            logits = model(step_ids, attention_mask=step_mask, position_ids=step_positions, cache=cache)[:, -1]
             scores = next_token_scores(logits, ids[:, :length], do_sample=do_sample, temperature=temperature,
                                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
             if do_sample:

@@ -72,6 +72,8 @@ class EncoderLayer(nn.Module):
         layer_norm_eps: epsilon of both LayerNorms.
     """
 
+    residual_branches = ("dropout1", "dropout2")  # the last module of each branch (adapters go there)
+
     def __init__(
         self,
         d_model: int,
@@ -86,7 +88,7 @@ class EncoderLayer(nn.Module):
         activation_dropout: float | None = None,
     ):
         super().__init__()
-        self.norm_first = norm_first
+        self.d_model, self.norm_first = d_model, norm_first
         attention_dropout = dropout if attention_dropout is None else attention_dropout
         activation_dropout = dropout if activation_dropout is None else activation_dropout
         self.attn = MultiHeadAttention(d_model, n_heads, dropout=attention_dropout, impl=attn_impl)

@@ -6,7 +6,8 @@ Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP" (https://ar
 
 placed on the output of each sublayer, before the residual add and LayerNorm (Houlsby, fig. 2):
 
-    x = LN(x + adapter(dropout(Attn(x))));   x = LN(x + adapter(dropout(FFN(x))))
+    x = LN(x + adapter(dropout(Attn(x))));   x = LN(x + adapter(dropout(FFN(x))))      post-norm (BERT)
+    x = x + adapter(dropout(Attn(LN(x))));   x = x + adapter(dropout(FFN(LN(x))))      pre-norm (GPT, Llama)
 
 Pfeiffer et al. 2020, "AdapterFusion" (https://arxiv.org/abs/2005.00247) keep only the second one, after
 the feed-forward block: half the adapter parameters. W_up starts at zero, so before training every
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from tunelab.core.layers import ACTIVATIONS, EncoderLayer
+from tunelab.core.layers import ACTIVATIONS
 from tunelab.peft.saving import load_trained, save_trained
 from tunelab.peft.selective import find_modules, freeze, unfreeze_modules
 
@@ -91,9 +92,10 @@ class BottleneckAdapter(nn.Module):
 
 
 class WithAdapter(nn.Module):
-    """Runs `module` then `adapter` on its output. Takes the place of an EncoderLayer's residual-branch
-    dropout (`dropout1` after attention, `dropout2` after the feed-forward), which is exactly where the
-    adapter goes: `EncoderLayer.forward` then computes norm(x + adapter(dropout(sublayer(x)))) unchanged."""
+    """Runs `module` then `adapter` on its output. Takes the place of the last module of a block's residual
+    branch (the block's `residual_branches`: EncoderLayer's `dropout1` after attention and `dropout2` after the
+    feed-forward, GPT-2's two residual dropouts, Llama's two empty slots), which is exactly where the adapter
+    goes: the block's own forward then computes x + adapter(dropout(sublayer(x))) unchanged."""
 
     def __init__(self, module: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
@@ -105,13 +107,23 @@ class WithAdapter(nn.Module):
         return self.adapter(self.module(x))  # (B, T, C)
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **overrides) -> nn.Module:
-    """Freeze `model`, add bottleneck adapters to each of its `EncoderLayer`s, train them and the head.
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of `model` that take adapters: modules whose class names its two `residual_branches`."""
+    return [m for m in model.modules() if getattr(type(m), "residual_branches", None)]
 
-    Placement: the adapter wraps the layer's residual-branch dropout (see `WithAdapter`), not a copy of
-    EncoderLayer, so the layer's own forward runs as written and the adapter sees dropout(sublayer(x)),
-    as in Houlsby et al.'s figure 2. Wrapping `attn.out_proj` / `ff.linear2` instead would put the adapter
-    before that dropout. The same place serves pre-norm layers (x + adapter(dropout(sublayer(LN(x))))).
+
+def _parent_and_leaf(block: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = path.rpartition(".")
+    return (block.get_submodule(parent) if parent else block), leaf
+
+
+def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **overrides) -> nn.Module:
+    """Freeze `model`, add bottleneck adapters to each of its transformer blocks, train them and the head.
+
+    Placement: the adapter wraps the last module of each residual branch (see `WithAdapter`), not a copy of
+    the block, so the block's own forward runs as written and the adapter sees dropout(sublayer(x)), as in
+    Houlsby et al.'s figure 2. Wrapping `attn.out_proj` / `ff.linear2` instead would put the adapter before
+    that dropout. The same place serves pre-norm blocks (x + adapter(dropout(sublayer(LN(x))))).
 
     The modules in `config.modules_to_save` (the classification head) train in place rather than as a
     per-adapter copy (tunelab.peft.inject.ModulesToSave): a model carries one set of adapters here, so a
@@ -119,32 +131,35 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, **over
     train every LayerNorm (their figure 2): modules_to_save=("classifier", "norm1", "norm2") does that.
 
     Args:
-        model: any model built from tunelab.core.layers.EncoderLayer (BERT, MiniLM, TransformerClassifier).
+        model: any model built from blocks that name their `residual_branches`: BERT, MiniLM and
+            TransformerClassifier (tunelab.core.layers.EncoderLayer), GPT-2 and Llama (tunelab.core.decoder).
+            A causal LM has no new head: pass modules_to_save=().
         config: an `AdapterConfig`; keyword `overrides` replace its fields (apply_adapters(m, style="pfeiffer")).
 
     Returns:
         The same model, changed in place.
     """
     config = _with_overrides(config or AdapterConfig(), overrides)
-    layers = [m for m in model.modules() if isinstance(m, EncoderLayer)]
-    if not layers:
-        raise ValueError(f"apply_adapters found no EncoderLayer in {type(model).__name__}; adapters go into "
-                         "the layers of tunelab.core.layers")
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"apply_adapters found no transformer block in {type(model).__name__}; adapters go into "
+                         "blocks that name their residual_branches (EncoderLayer, GPTBlock, LlamaBlock)")
     if any(isinstance(m, WithAdapter) for m in model.modules()):
         raise ValueError("this model already has adapters; apply_adapters cannot be applied twice")
-    width = min(layer.ff.linear2.out_features for layer in layers)
+    width = min(block.d_model for block in blocks)
     if config.reduction_factor > width:
         raise ValueError(f"reduction_factor {config.reduction_factor} is larger than the width {width}: "
                          f"the bottleneck would have {width // config.reduction_factor} units")
     find_modules(model, config.modules_to_save)  # a misspelt name raises before the model is touched
-    places = ("dropout1", "dropout2") if config.style == "houlsby" else ("dropout2",)
     freeze(model)
-    for layer in layers:
-        width = layer.ff.linear2.out_features
-        for place in places:
-            adapter = BottleneckAdapter(width, width // config.reduction_factor, config.activation)
-            adapter.to(device=layer.ff.linear2.weight.device, dtype=layer.ff.linear2.weight.dtype)
-            setattr(layer, place, WithAdapter(getattr(layer, place), adapter))  # new parameters: trainable
+    for block in blocks:
+        weight = next(block.parameters())
+        places = block.residual_branches if config.style == "houlsby" else block.residual_branches[1:]
+        for place in places:  # after attention (houlsby only), after the feed-forward
+            adapter = BottleneckAdapter(block.d_model, block.d_model // config.reduction_factor, config.activation)
+            adapter.to(device=weight.device, dtype=weight.dtype)
+            parent, leaf = _parent_and_leaf(block, place)
+            setattr(parent, leaf, WithAdapter(getattr(parent, leaf), adapter))  # new parameters: trainable
     unfreeze_modules(model, config.modules_to_save)
     return model
 
@@ -157,10 +172,12 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def adapter_style(model: nn.Module) -> str:
     """"houlsby" or "pfeiffer": where the adapters of `model` sit (after attention too, or only after the FFN)."""
-    places = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, WithAdapter)}
-    if not places:
-        raise ValueError("this model has no bottleneck adapters; call apply_adapters first")
-    return "houlsby" if "dropout1" in places else "pfeiffer"
+    for block in transformer_blocks(model):
+        wrapped = [isinstance(getattr(*_parent_and_leaf(block, place)), WithAdapter)
+                   for place in block.residual_branches]
+        if any(wrapped):
+            return "houlsby" if wrapped[0] else "pfeiffer"
+    raise ValueError("this model has no bottleneck adapters; call apply_adapters first")
 
 
 def save_adapter(model: nn.Module, folder: str | Path) -> Path:
