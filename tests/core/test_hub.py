@@ -194,5 +194,5 @@ def test_an_encoder_task_on_a_decoder_folder_is_refused(tmp_path):
 
     hf, _ = gpt_pair()
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="task 'classification' is for encoders"):
-        load_pretrained(tmp_path, task="classification")
+    with pytest.raises(ValueError, match="task 'mlm' is for encoders"):
+        load_pretrained(tmp_path, task="mlm")

@@ -592,6 +592,10 @@ class CausalLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def hf_config_dict(self, architecture: str) -> dict:
+        """The config.json Hugging Face reads for this model."""
+        return self.config.to_hf_dict(architecture)
+
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for `batch_size` sequences of up to `max_length` positions."""
         weight = self.input_embeddings().weight
@@ -670,14 +674,76 @@ class Llama(CausalLM):
         return self.model.embed_tokens
 
 
+# ---------------------------------------------------------------- a classification head on the decoder
+
+POOLINGS = ("last", "mean")
+
+
+class SequenceClassifierMixin:
+    """A decoder stack read out by a linear `score` head instead of the LM head (Hugging Face's
+    `LlamaForSequenceClassification` / `GPT2ForSequenceClassification`).
+
+    A causal model's last real token is the only position that has seen the whole text, so by default the
+    head reads that one ("last", Hugging Face's choice); "mean" averages the hidden states of the real tokens
+    (Hugging Face has no such head: a folder saved with it records the pooling, but transformers reads the last).
+    """
+
+    def __init__(self, config, num_labels: int = 2, pooling: str = "last"):
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        super().__init__(config)
+        del self.lm_head
+        self.num_labels, self.pooling = num_labels, pooling
+        self.score = nn.Linear(self.input_embeddings().embedding_dim, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, std=config.initializer_range)
+
+    def tie_weights(self) -> None:  # no LM head to tie
+        pass
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+        """(B, T) ids (right or left padded) and mask -> (B, num_labels) logits."""
+        h, _ = self.forward_hidden(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds)  # (B,T,C)
+        B, T = h.shape[:2]
+        if self.pooling == "mean":
+            if attention_mask is None:
+                return self.score(h.mean(1))
+            weights = attention_mask.to(h.dtype)[..., None]  # (B, T, 1)
+            return self.score((h * weights).sum(1) / weights.sum(1).clamp(min=1))  # (B, num_labels)
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, device=h.device)
+        else:  # the rightmost real token: the end of a right-padded row, column T - 1 of a left-padded one
+            last = (torch.arange(T, device=h.device) * attention_mask).argmax(-1)  # (B,)
+        return self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
+
+    def hf_config_dict(self, architecture: str) -> dict:
+        labels = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        return {**self.config.to_hf_dict(architecture), "id2label": labels,
+                "label2id": {v: int(k) for k, v in labels.items()}, "tunelab_pooling": self.pooling}
+
+
+class GPTForSequenceClassification(SequenceClassifierMixin, GPT):
+    """GPT-2 with a classification head (Hugging Face's `GPT2ForSequenceClassification`)."""
+
+
+class LlamaForSequenceClassification(SequenceClassifierMixin, Llama):
+    """Llama with a classification head (Hugging Face's `LlamaForSequenceClassification`)."""
+
+
 # ---------------------------------------------------------------- the families, as tunelab.peft reads them
+
+def _task_type(model: nn.Module) -> str:
+    return "SEQ_CLS" if isinstance(model, SequenceClassifierMixin) else "CAUSAL_LM"
+
 
 GPT2_FAMILY = ModelFamily(
     name="gpt2", hf_module_names=lambda model: {}, embeddings=lambda model: model.transformer.wte,
     dims=lambda m: Dims(m.config.n_embd, m.config.n_layer, m.config.n_head, m.config.n_head, m.head_dim,
                         m.config.n_positions),
     blocks=lambda model: model.transformer.h, lora_targets=("c_attn",), feedforward=("mlp.c_proj",), top=("ln_f",),
-    task_type=lambda model: "CAUSAL_LM", transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    task_type=lambda model: _task_type(model), transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 LLAMA_FAMILY = ModelFamily(
     name="llama", hf_module_names=lambda model: {}, embeddings=lambda model: model.model.embed_tokens,
     blocks=lambda model: model.model.layers,
@@ -685,14 +751,17 @@ LLAMA_FAMILY = ModelFamily(
                         m.config.num_key_value_heads, m.head_dim, None),
     lora_targets=("q_proj", "v_proj"), feedforward=("down_proj",),
     top=("model.norm",),
-    task_type=lambda model: "CAUSAL_LM")
+    task_type=lambda model: _task_type(model))
 GPT.family, Llama.family = GPT2_FAMILY, LLAMA_FAMILY  # module names are Hugging Face's: an empty name table
 
 
 # ---------------------------------------------------------------- Hugging Face files
 
-ARCHITECTURES = {"GPT2LMHeadModel": (GPTConfig, GPT), "LlamaForCausalLM": (LlamaConfig, Llama)}
-MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"GPT2LMHeadModel": (GPTConfig, GPT), "LlamaForCausalLM": (LlamaConfig, Llama),
+                 "GPT2ForSequenceClassification": (GPTConfig, GPTForSequenceClassification),
+                 "LlamaForSequenceClassification": (LlamaConfig, LlamaForSequenceClassification)}
+MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # the causal LM of each model_type
+CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -705,10 +774,14 @@ def hf_to_tunelab_state_dict(model: CausalLM, hf_state: dict[str, Tensor]) -> di
     nn.Linear's (out, in); GPT-2's non-persistent `attn.bias` / `masked_bias` buffers of old files are dropped.
 
     Every tensor must fill one of ours with the same shape, and every one of ours must be filled (the tied head
-    may be absent), else a ValueError lists the offending names.
+    may be absent), else a ValueError lists the offending names. A causal LM's file loads into a classifier:
+    its LM head is dropped and the classifier's new `score` keeps its initialisation.
     """
     ours = model.state_dict()
     tied = model.config.tie_word_embeddings
+    classifier = isinstance(model, SequenceClassifierMixin)
+    if classifier and "score.weight" not in hf_state:  # a pretrained LM becoming a classifier
+        hf_state = {k: v for k, v in hf_state.items() if k != "lm_head.weight"}
     out, unexpected, wrong = {}, [], []
     for name, tensor in hf_state.items():
         if isinstance(model, GPT) and name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -721,7 +794,8 @@ def hf_to_tunelab_state_dict(model: CausalLM, hf_state: dict[str, Tensor]) -> di
             wrong.append(f"{name}: file {tuple(tensor.shape)} vs model {tuple(ours[name].shape)}")
         else:
             out[name] = tensor
-    missing = [n for n in ours if n not in out and not (tied and n == "lm_head.weight")]
+    missing = [n for n in ours if n not in out and not (tied and n == "lm_head.weight")
+               and not (classifier and n == "score.weight" and "score.weight" not in hf_state)]
     problems = [f"unexpected tensors {unexpected}"] * bool(unexpected) + [f"missing tensors {missing}"] * bool(
         missing) + [f"wrong shapes {wrong}"] * bool(wrong)
     if problems:
@@ -749,14 +823,22 @@ def tunelab_to_hf_state_dict(model: CausalLM) -> dict[str, Tensor]:
     return state
 
 
-def decoder_from_hf_config(values: dict, **overrides) -> CausalLM:
-    """A randomly initialised GPT or Llama for a Hugging Face config.json's contents."""
-    architecture = MODEL_TYPES.get(values.get("model_type"))
-    if architecture is None:
-        raise ValueError(f"model_type {values.get('model_type')!r} is not a decoder TuneLab knows "
-                         f"({sorted(MODEL_TYPES)})")
+def decoder_from_hf_config(values: dict, task: str = "causal_lm", num_labels: int | None = None,
+                           pooling: str | None = None, **overrides) -> CausalLM:
+    """A randomly initialised GPT or Llama for a Hugging Face config.json's contents: its causal LM, or with
+    task="classification" its sequence classifier (num_labels: the file's id2label, else 2; pooling: the
+    file's, else "last")."""
+    model_type = values.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a decoder TuneLab knows ({sorted(MODEL_TYPES)})")
+    if task not in ("causal_lm", "classification"):
+        raise ValueError(f"unknown task {task!r} for a decoder; expected 'causal_lm' or 'classification'")
+    architecture = (CLASSIFIERS if task == "classification" else MODEL_TYPES)[model_type]
     config_class, model_class = ARCHITECTURES[architecture]
     config = config_class.from_hf_dict(values)
     if overrides:
         config = config_class(**{**asdict(config), **overrides})
-    return model_class(config)
+    if task == "causal_lm":
+        return model_class(config)
+    labels = num_labels or len(values.get("id2label") or {}) or 2
+    return model_class(config, labels, pooling or values.get("tunelab_pooling", "last"))

@@ -192,7 +192,8 @@ def load_pretrained(name_or_path: str | Path, task: str = "base", num_labels: in
     Args:
         name_or_path: a folder (config.json + model.safetensors [+ tokenizer.json]), "minilm", or a hub id.
         task: for an encoder, "base" (BertModel), "classification" (BertForSequenceClassification) or "mlm"
-            (BertForMaskedLM); a GPT-2 or Llama folder always gives its causal LM (task "base" or "causal_lm").
+            (BertForMaskedLM); a GPT-2 or Llama folder gives its causal LM (task "base" or "causal_lm") or, with
+            "classification", its sequence classifier (`tunelab.core.decoder`; a new `score` head on an LM).
             A head the checkpoint lacks (a classifier on a bare encoder) starts from BERT's initialisation.
         num_labels: classes of the classification head; None: the checkpoint's (id2label), else 2.
         **overrides: BertConfig fields to change (e.g. hidden_dropout_prob=0.0, attn_impl="explicit").
@@ -209,7 +210,7 @@ def load_pretrained(name_or_path: str | Path, task: str = "base", num_labels: in
     state = read_safetensors(weights_file)
     hf_config = json.loads(config_file.read_text())
     if hf_config.get("model_type") in decoder.MODEL_TYPES:
-        return _load_decoder(folder, hf_config, state, task, overrides)
+        return _load_decoder(folder, hf_config, state, task, num_labels, overrides)
     if task == "causal_lm":
         raise ValueError(f"{folder} holds a {hf_config.get('model_type')!r} model, not a causal LM "
                          f"({sorted(decoder.MODEL_TYPES)})")
@@ -227,10 +228,11 @@ def load_pretrained(name_or_path: str | Path, task: str = "base", num_labels: in
     return model.eval(), tokenizer
 
 
-def _load_decoder(folder: Path, hf_config: dict, state: dict, task: str, overrides: dict):
-    if task not in ("base", "causal_lm"):
+def _load_decoder(folder: Path, hf_config: dict, state: dict, task: str, num_labels: int | None, overrides: dict):
+    if task not in ("base", "causal_lm", "classification"):
         raise ValueError(f"{folder} holds a causal LM ({hf_config['model_type']}); task {task!r} is for encoders")
-    model = decoder.decoder_from_hf_config(hf_config, **overrides)
+    task = "classification" if task == "classification" else "causal_lm"
+    model = decoder.decoder_from_hf_config(hf_config, task, num_labels, **overrides)
     decoder.load_hf_state_dict(model, state)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
@@ -250,7 +252,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Pat
                         f"got {type(model).__name__}")
     with atomic_folder(folder) as tmp:
         if type(model) in causal:
-            config, state = model.config.to_hf_dict(causal[type(model)]), decoder.tunelab_to_hf_state_dict(model)
+            config, state = model.hf_config_dict(causal[type(model)]), decoder.tunelab_to_hf_state_dict(model)
         else:
             config, state = model.config.to_hf_dict(ARCHITECTURES[type(model)]), tunelab_to_hf_state_dict(model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
