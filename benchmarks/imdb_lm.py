@@ -7,7 +7,7 @@ bf16 autocast on the CPU. The budget is at most 3 hours on 2 CPU cores across re
 the run, --resume continues it from its last checkpoint. Reported: validation perplexity on the held-out
 reviews, tokens seen, the loss curve (benchmarks/figures/imdb_lm.png) and sample generations.
 
-    python benchmarks/imdb_lm.py --threads 2 --resume                   # 2,500 steps; kept when it finishes
+    python benchmarks/imdb_lm.py --threads 2 --resume                   # 1,600 steps; kept when it finishes
     python benchmarks/imdb_lm.py --limit 2000 --max-steps 50 --no-save   # a look
 
 The run folder (--out, default benchmarks/out/imdb_lm/run) is a Hugging Face LlamaForCausalLM folder; rebuilding
@@ -31,11 +31,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/imdb_lm/run"))
     parser.add_argument("--limit", type=int, help="reviews (default: all 75,000 unsupervised + train)")
-    parser.add_argument("--max-steps", type=int, default=2500,
-                        help="optimizer steps of 32 x 256 tokens (3.6 s each on 2 cores)")
+    parser.add_argument("--max-steps", type=int, default=1600,
+                        help="optimizer steps of 32 x 256 tokens (3.3 s each on 2 cores)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden-size", type=int, default=384)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=400)
     add_training_run_options(parser)
     args = parse_with_threads(parser, argv)
     config = LmRunConfig.from_dict({

@@ -342,3 +342,14 @@ def test_lesson_15_causal_lms_and_generation(tmp_path, imdb_dir):
     assert r["cache_speedup"] > 1.3  # 2.4x for 96 new tokens (and growing with the length)
     assert r["top_k_kept"] == 20 and 1 <= r["top_p_kept"] < 512  # 105 of 512 tokens hold half the mass
     assert_figures(out, ["15_rope.png", "15_sampling.png"])
+
+
+def test_lesson_16_pretraining_a_small_gpt(tmp_path, imdb_dir):
+    r, out = run_lesson("16_pretraining_a_small_gpt.py", tmp_path, imdb_dir)
+    assert r["roundtrip"] is True  # byte-level BPE: every string comes back exactly
+    assert 2.0 < r["bytes_per_token"] < 4.0  # 2.71 with a 1,024-token vocabulary
+    assert abs(r["init_loss"] - r["ln_v"]) < 0.1  # 6.944 vs 6.931: an untrained model is uniform
+    assert r["val_ppl"] < 0.6 * r["unigram_ppl"]  # 158 vs 414: context beats token frequencies
+    assert r["val_ppl"] < 0.6 * r["first_val_ppl"]  # 424 at step 50 -> 158 at step 200
+    assert 0.45 < r["random_acc"] < 0.75 and 0.45 < r["pretrained_acc"] < 0.9  # 400 labels, 400 test reviews
+    assert_figures(out, ["16_perplexity.png"])
