@@ -62,6 +62,21 @@ def test_w8a8_is_the_integer_product_rescaled(tokens, monkeypatch):
     assert q(x).shape == (2, tokens // 2, 48)
 
 
+def test_w8a8_layers_reading_the_same_input_quantize_it_once_and_never_reuse_stale_codes(monkeypatch):
+    q, k = W8A8Linear.from_linear(linear(128, 48)), W8A8Linear.from_linear(linear(128, 48))
+    x = torch.randn(3, 5, 128)
+    alone = [q(x.clone()), k(x.clone())]  # fresh tensors: each quantized by its own layer
+    calls = []
+    original = linear_module.quantize_rows_int8
+    monkeypatch.setattr(linear_module, "quantize_rows_int8", lambda t: calls.append(1) or original(t))
+    assert torch.equal(q(x), alone[0]) and torch.equal(k(x), alone[1])
+    assert len(calls) == 1  # k found q's codes of the very same tensor
+    x.mul_(2.0)  # an in-place change: the kept codes no longer describe x
+    after = k(x)
+    assert len(calls) == 2
+    assert torch.equal(after, k(x.clone())) and not torch.equal(after, alone[1])
+
+
 def test_w8a8_beats_torch_ao_dynamic_int8_on_the_same_layer():
     """torch.ao's dynamic int8 quantizes activations per tensor; ours per token (and weights per channel)."""
     layer = linear(256, 64)
