@@ -99,7 +99,7 @@ B = ids.shape[0]
 
 prompted = apply_prompt_tuning(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=P, init="text",
                                                                        init_text=INIT_TEXT), tokenizer).eval()
-bert = prompted.bert
+bert = prompted.model.bert
 with torch.no_grad():
     words = bert.embeddings.word_embeddings(ids)  # (B, T, C)
     x = torch.cat([prompted.prompt_embeddings.expand(B, -1, -1), words], dim=1)  # (B, P+T, C)
@@ -135,8 +135,8 @@ print(f"the pooler reads the first virtual token, and the wrapper computes exact
 prefixed = apply_prefix_tuning(copy.deepcopy(base), PrefixTuningConfig(num_virtual_tokens=P)).eval()
 with torch.no_grad():
     prefixes = prefixed.kv_prefixes(B)
-    encoded_prefix = prefixed.bert(ids, mask, output_hidden_states=True, kv_prefixes=prefixes)
-    embedded_from_p = prefixed.bert.embeddings(ids, position_offset=P)  # (B, T, C), positions P .. P+T-1
+    encoded_prefix = prefixed.model.bert(ids, mask, output_hidden_states=True, kv_prefixes=prefixes)
+    embedded_from_p = prefixed.model.bert.embeddings(ids, position_offset=P)  # (B, T, C), positions P .. P+T-1
 keys, values = prefixes[0]
 H, D = keys.shape[1], keys.shape[3]
 prefix_positions_start_at_p = torch.equal(encoded_prefix.hidden_states[0], embedded_from_p)
