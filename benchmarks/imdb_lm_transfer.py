@@ -1,13 +1,14 @@
 """Benchmark: the IMDB-pretrained Llama fine-tuned as a sentiment classifier, against the same model from random weights.
 
-The base is the run folder of `benchmarks/imdb_lm.py` (a Hugging Face LlamaForCausalLM folder with its BPE tokenizer).
-`load_pretrained(folder, task="classification")` puts a new linear `score` head on the decoder, read at the last real
-token (an EOS appended to every review, the boundary the LM learned to predict: it has seen the whole review) or the
-mean of the hidden states (--pooling mean). The same architecture, tokenizer and budget from random weights is the
-control. Labelled reviews: 500, 2,000 and 22,500 (seeded samples of the train split; 2,500 other train reviews are the
-validation set that picks the best checkpoint); each size trains for a fixed number of epochs (the same for both
-starts), AdamW lr 3e-4 with warmup and a cosine decay, batch 16, reviews cut to 256 tokens (head+tail), bf16 autocast
-on the CPU. Reported: accuracy on the 25,000 test reviews, for each size and start: the transfer curve.
+The base is `benchmarks/imdb_lm.py`'s kept model, else its run folder (a Hugging Face LlamaForCausalLM folder with
+its BPE tokenizer). `load_pretrained(folder, task="classification")` puts a new linear `score` head on the decoder,
+read at the last real token (an EOS appended to every review, the boundary the LM learned to predict: it has seen the
+whole review) or the mean of the hidden states (--pooling mean). The same architecture, tokenizer and budget from
+random weights is the control. Labelled reviews: 500, 2,000 and 22,500 (seeded samples of the train split; 1,000
+other train reviews are the validation set that picks the best epoch); each size trains for a fixed number of epochs
+(the same for both starts), AdamW lr 3e-4 with warmup and a cosine decay, batch 16, reviews cut to 256 tokens
+(head+tail), bf16 autocast on the CPU. Reported: accuracy on the 25,000 test reviews, for each size and start: the
+transfer curve.
 
 ULMFiT (Howard & Ruder 2018, https://arxiv.org/abs/1801.06146, table 7) reached 94.4% on IMDB from an LM pretrained
 on IMDB alone, with far more compute; the point here is the measured gain over random weights at few labels.
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from _common import add_training_run_options, parse_with_threads, resumable, save_run, saved_runs
+from imdb_lm import base_model_folder
 from tunelab.core.collate import ClassificationCollator, LengthBucketSampler
 from tunelab.core.data import load_imdb, train_validation_split
 from tunelab.core.decoder import decoder_from_hf_config
@@ -39,7 +41,7 @@ BENCHMARK = "imdb_lm_transfer"
 SIZES = (500, 2000, 22500)
 EPOCHS = {500: 8, 2000: 4, 22500: 1}  # the same for both starts: equal budgets
 STARTS = ("pretrained", "random")
-VALIDATION = 2500
+VALIDATION = 1000  # picks the best epoch; evaluated once per epoch, so kept small
 FIGURE = Path(__file__).resolve().parent / "figures" / f"{BENCHMARK}.png"
 
 
@@ -101,8 +103,8 @@ def draw(kept: dict[str, dict]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lm", type=Path, default=Path("benchmarks/out/imdb_lm/run"),
-                        help="the pretrained LM folder (benchmarks/imdb_lm.py's run)")
+    parser.add_argument("--lm", type=Path, default=base_model_folder(),
+                        help="the pretrained LM folder (default: imdb_lm's kept model, else its run folder)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/imdb_lm_transfer"))
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS))
