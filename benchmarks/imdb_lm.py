@@ -30,23 +30,24 @@ from tunelab.core.hub import load_pretrained, save_pretrained
 from tunelab.tasks.imdb_lm import LmRunConfig, run_imdb_lm
 
 FIGURE = Path(__file__).resolve().parent / "figures" / "imdb_lm.png"
+RUN_DIR = Path("benchmarks/out/imdb_lm/run")
 KEPT_MODEL = RUN_RESULTS / "imdb_lm" / "L6-H384-1600steps"  # the default setting's kept model
 
 
-def base_model_folder(run_dir: Path = Path("benchmarks/out/imdb_lm/run")) -> Path:
+def base_model_folder() -> Path:
     """The pretrained LM other benchmarks start from: the kept model when it is here, else the run folder."""
-    return KEPT_MODEL if (KEPT_MODEL / "model.safetensors").is_file() else run_dir
+    return KEPT_MODEL if (KEPT_MODEL / "model.safetensors").is_file() else RUN_DIR
 
 
-def keep_model(run_dir: Path, label: str) -> Path:
+def keep_model(run_dir: Path, label: str, results: Path = RUN_RESULTS) -> Path:
     """Copy the run's final model beside its kept JSON with the weights rounded to bf16 (half the bytes)."""
     model, tokenizer = load_pretrained(run_dir, task="causal_lm")
-    return save_pretrained(model.to(torch.bfloat16), RUN_RESULTS / "imdb_lm" / label, tokenizer)
+    return save_pretrained(model.to(torch.bfloat16), results / "imdb_lm" / label, tokenizer)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/imdb_lm/run"))
+    parser.add_argument("--out", type=Path, default=RUN_DIR)
     parser.add_argument("--limit", type=int, help="reviews (default: all 75,000 unsupervised + train)")
     parser.add_argument("--max-steps", type=int, default=1600,
                         help="optimizer steps of 32 x 256 tokens (3.3 s each on 2 cores)")

@@ -1,15 +1,17 @@
-"""benchmarks/RESULTS.md is what `python benchmarks/results_md.py` builds from the kept runs, and the
-links to the benchmarks' stories in benchmarks/README.md lead somewhere.
+"""benchmarks/RESULTS.md is what `python benchmarks/results_md.py` builds from the kept runs, the
+links to the benchmarks' stories in benchmarks/README.md lead somewhere, and imdb_lm's kept model is the run's.
 
 benchmarks/ is not a package (its scripts run as `python benchmarks/NAME.py`), so the generator is loaded
-from its path. It reads JSON only: nothing here runs a benchmark.
+from its path. Nothing here runs a benchmark.
 """
 
 import importlib.util
 import json
 import re
+import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO_ROOT
 
@@ -71,3 +73,29 @@ def test_links_to_benchmark_stories_find_their_section():
     links = re.findall(r"\(benchmarks/README\.md#([\w-]+)\)", (REPO_ROOT / "README.md").read_text())
     links += re.findall(r"\(README\.md#([\w-]+)\)", (BENCHMARKS / "RESULTS.md").read_text())
     assert links and not set(links) - anchors, f"no such section in benchmarks/README.md: {set(links) - anchors}"
+
+
+def test_imdb_lm_keeps_a_bf16_copy_of_its_model_that_loads_back(tmp_path, monkeypatch):
+    from tunelab.core.decoder import Llama, LlamaConfig
+    from tunelab.core.hub import load_pretrained, save_pretrained
+    from tunelab.core.io import read_safetensors
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # imdb_lm imports its sibling _common
+    monkeypatch.delitem(sys.modules, "imdb_lm", raising=False)
+    import imdb_lm
+
+    torch.manual_seed(0)
+    run = save_pretrained(Llama(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=48)), tmp_path / "run")
+    kept = imdb_lm.keep_model(run, "tiny", results=tmp_path / "results")
+    assert kept == tmp_path / "results" / "imdb_lm" / "tiny"
+    assert {t.dtype for t in read_safetensors(kept / "model.safetensors").values()} == {torch.bfloat16}
+    full, _ = load_pretrained(run, task="causal_lm")
+    half, _ = load_pretrained(kept, task="causal_lm")
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        expected, got = full(ids), half(ids)
+    expected, got = getattr(expected, "logits", expected), getattr(got, "logits", got)
+    assert next(half.parameters()).dtype == torch.float32  # loaded back into float32 parameters
+    assert not torch.equal(got, expected)  # the weights were rounded ...
+    torch.testing.assert_close(got, expected, atol=0.02, rtol=0)  # ... to bf16, and the model is the same model

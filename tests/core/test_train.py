@@ -1,5 +1,6 @@
 """Tests for tunelab/core/train.py on a synthetic task: the label says whether token 7 occurs."""
 
+import copy
 import json
 
 import pytest
@@ -295,6 +296,25 @@ def test_optimizer_groups_skip_decay_on_biases_and_norms():
     decayed = sorted(names[id(p)] for p in decay["params"])
     assert decayed == ["embedding.weight", "head.weight", "hidden.weight"]
     assert sorted(names[id(p)] for p in no_decay["params"]) == ["head.bias", "norm.bias", "norm.weight"]
+
+
+def test_optimizer_is_the_fused_adamw_and_steps_like_the_op_by_op_one():
+    model = fresh_model().eval()  # no dropout: the two copies see the same gradients
+    reference = copy.deepcopy(model)
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    names, twins = {id(p): n for n, p in model.named_parameters()}, dict(reference.named_parameters())
+    plain = torch.optim.AdamW([{"params": [twins[names[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                               for g in optimizer.param_groups], lr=1e-2, fused=False)
+    ids = torch.randint(0, VOCAB_SIZE, (4, 6), generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for m, opt in ((model, optimizer), (reference, plain)):
+            opt.zero_grad()
+            m(ids, torch.ones_like(ids)).square().mean().backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    assert not torch.equal(model.head.weight, fresh_model().head.weight)  # the steps moved the weights
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
