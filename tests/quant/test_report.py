@@ -50,3 +50,26 @@ def test_sparse_bytes_count_a_bitmask_and_the_non_zeros():
     assert report.sparse_bytes == 64 * 16 // 8 + 256 * 4  # 1 bit per weight + 256 float32 values
     dense = size_report(nn.Linear(64, 16, bias=False))
     assert dense.sparse_bytes == dense.bytes  # no zeros: the dense layout is the smaller one
+
+
+def test_training_memory_on_the_meta_device_equals_the_real_models():
+    """Shapes alone give the same accounting: a 7B-shaped model can be sized without its weights. (The meta
+    device runs attention by its math path, which keeps the attention probabilities; so does the CPU here.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tunelab.core.decoder import Llama, LlamaConfig
+    from tunelab.core.evaluation import causal_lm_loss
+    from tunelab.peft.lora import LoRAConfig, apply_lora
+    from tunelab.quant.report import training_memory
+
+    figures = []
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Llama(LlamaConfig.tiny())
+        apply_lora(model, LoRAConfig(r=4, targets="all-linear", modules_to_save=()))
+        ids = torch.zeros(2, 16, dtype=torch.long, device=device)
+        with sdpa_kernel(SDPBackend.MATH):
+            figures.append(training_memory(model, lambda: causal_lm_loss(model(ids), ids)))
+    real, meta = figures
+    assert real == meta and real.activations > 0 and real.frozen > 0

@@ -16,12 +16,14 @@ from tests.conftest import assert_close
 from tunelab.cli import METHOD_OPTIONS, build_parser, methods_taking
 from tunelab.tasks.methods import METHODS, get_method, method_config, rebuild_method
 
-OPTIONS = {"lora": {"r": 4, "alpha": 8}, "dora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "ff.linear1"]},
+OPTIONS = {"lora": {"r": 4, "alpha": 8}, "qlora": {"r": 4, "alpha": 8},
+           "dora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "ff.linear1"]},
            "adapter-houlsby": {"reduction_factor": 8}, "adapter-pfeiffer": {"reduction_factor": 8},
            "prompt": {"num_virtual_tokens": 4, "init": "vocab"},
            "prefix": {"num_virtual_tokens": 4, "projection": True, "projection_hidden": 16}, "ia3": {}, "bitfit": {},
            "last-layers": {"layers": 1}}
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ia3": "IA3"}
+PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "qlora": "LORA", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING",
+              "ia3": "IA3"}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_merged_lora_run_is_a_hugging_face_model_with_the_adapters_predictions(t
     assert "lora" not in " ".join(n for n, _ in run.model.named_modules()).lower()  # plain layers again
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
 def test_low_rank_runs_are_scored_merged_with_the_adapters_predictions(method, tiny_pretrained, imdb_dir, tmp_path):
     finetune(tiny_pretrained, tmp_path, imdb_dir, method)
     run = load_run(tmp_path)

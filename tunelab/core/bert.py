@@ -457,7 +457,7 @@ BERT_FAMILY = ModelFamily(
     name="bert", hf_module_names=hf_module_names,
     embeddings=lambda model: _encoder(model).embeddings.word_embeddings,
     blocks=lambda model: _encoder(model).layers, dims=lambda model: _dims(model.config),
-    lora_targets=("q_proj", "v_proj"), feedforward=("ff.linear2",), top=("pooler",),
+    lora_targets=("q_proj", "v_proj"), feedforward=("ff.linear2",), top=("pooler",), outputs=("classifier",),
     task_type=lambda model: TASK_TYPES[type(model)])
 for _cls in (BertModel, BertForSequenceClassification, BertForMaskedLM):
     _cls.family = BERT_FAMILY

@@ -23,6 +23,8 @@ per step (`tunelab.core.generate`).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -270,7 +272,8 @@ def _check_forward_inputs(input_ids: Tensor | None, attention_mask, position_ids
         B, T = input_ids.shape
     if T == 0:
         raise ValueError("the input has no tokens (T = 0)")
-    if input_ids is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+    on_meta = input_ids is not None and input_ids.is_meta  # shapes only (memory accounting): no values to check
+    if input_ids is not None and not on_meta and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in "
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     past = 0
@@ -451,7 +454,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """position_ids (B, T) -> cos, sin, each (B, 1, T, D), computed in float32 then cast to `dtype`."""
-        with torch.autocast(position_ids.device.type, enabled=False):
+        device = position_ids.device.type
+        with torch.autocast(device, enabled=False) if device != "meta" else contextlib.nullcontext():
             freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
             angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
             return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -743,6 +747,7 @@ GPT2_FAMILY = ModelFamily(
     dims=lambda m: Dims(m.config.n_embd, m.config.n_layer, m.config.n_head, m.config.n_head, m.head_dim,
                         m.config.n_positions),
     blocks=lambda model: model.transformer.h, lora_targets=("c_attn",), feedforward=("mlp.c_proj",), top=("ln_f",),
+    outputs=("lm_head", "score"),
     task_type=lambda model: _task_type(model), transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 LLAMA_FAMILY = ModelFamily(
     name="llama", hf_module_names=lambda model: {}, embeddings=lambda model: model.model.embed_tokens,
@@ -750,7 +755,7 @@ LLAMA_FAMILY = ModelFamily(
     dims=lambda m: Dims(m.config.hidden_size, m.config.num_hidden_layers, m.config.num_attention_heads,
                         m.config.num_key_value_heads, m.head_dim, None),
     lora_targets=("q_proj", "v_proj"), feedforward=("down_proj",),
-    top=("model.norm",),
+    top=("model.norm",), outputs=("lm_head", "score"),
     task_type=lambda model: _task_type(model))
 GPT.family, Llama.family = GPT2_FAMILY, LLAMA_FAMILY  # module names are Hugging Face's: an empty name table
 

@@ -12,6 +12,7 @@ so a method written once works on every family, and a new family is one new desc
     lora_targets      peft's default target_modules for the family
     feedforward       the layers (IA)^3 scales at their input rather than their output
     top               the modules between the last block and the head (BERT's pooler, a final norm)
+    outputs           the output layers (a classifier, the LM head): never adapted by `targets="all-linear"`
     transposed        layers whose Hugging Face weight is stored (in, out), GPT-2's Conv1D: peft's fan_in_fan_out
     task_type         peft's task_type for a model of the family ("SEQ_CLS", "CAUSAL_LM", ...; None: no head
                       peft knows). "CAUSAL_LM" models take (input_ids, attention_mask, position_ids, cache) and
@@ -52,6 +53,7 @@ class ModelFamily:
     feedforward: tuple[str, ...]
     task_type: Callable[[nn.Module], str | None]
     top: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
     transposed: tuple[str, ...] = ()
 
     def is_transposed(self, module_path: str) -> bool:

@@ -5,6 +5,7 @@
     prompt     prompt tuning (learned input vectors) and prefix tuning (learned keys and values per layer)
     ia3        learned scaling of keys, values and the feed-forward input
     selective  freeze, BitFit, the last k layers, count_parameters
+    qlora      LoRA on a frozen NF4 base with double-quantized constants (the one module that imports quant)
     inject     what they share: finding target modules by name, swapping them, trained copies of new heads
     saving     the adapter folder (adapter_config.json + adapter_model.safetensors) in peft's layout
 

@@ -4,8 +4,9 @@ Every method in tunelab.peft does the same three things to a pretrained model: p
 (`find_targets`), replace each with a wrapper that holds the original (`replace_module`), and keep a
 trainable copy of any module that must be learned in full, such as a new classification head
 (`ModulesToSave`). Targets are named the way peft names them: a list of name suffixes
-(["q_proj", "v_proj"] matches "bert.layers.3.attn.q_proj") or one regular expression that must match
-the whole module name.
+(["q_proj", "v_proj"] matches "bert.layers.3.attn.q_proj"), one regular expression that must match
+the whole module name, or "all-linear": every linear layer but the model's output layers (the classifier, the LM
+head), which its family description names.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import re
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+
+from tunelab.core.family import family_of
+
+ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer except the output layers
 
 
 def matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -31,6 +36,8 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], kinds: tuple[ty
     Raises a ValueError when nothing matches, or when a suffix in a list matches no module at all (a typo
     would otherwise silently adapt fewer layers), listing the module names that do exist.
     """
+    if targets == ALL_LINEAR or not isinstance(targets, str) and list(targets) == [ALL_LINEAR]:
+        return _all_linear(model, kinds, method)
     if isinstance(targets, str):
         if not targets:
             raise ValueError("targets is an empty regular expression")
@@ -45,6 +52,20 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], kinds: tuple[ty
         what = repr(targets) if not unmatched else ", ".join(repr(t) for t in unmatched)
         raise ValueError(f"target {what} matched no {kind_names} module that {method} can adapt; the "
                          f"{kind_names} modules of this model are: {_short_list(_layer_patterns(names))}")
+    return found
+
+
+def _all_linear(model: nn.Module, kinds: tuple[type, ...], method: str) -> list[str]:
+    """Every module of `kinds` outside the family's output layers (and outside what they contain)."""
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"targets={ALL_LINEAR!r} needs to know which layers are {type(model).__name__}'s outputs, and "
+                         "it has no model family description: name the layers to adapt instead")
+    outputs = tuple(family.outputs)
+    found = [n for n, m in model.named_modules() if isinstance(m, kinds)
+             and not any(n == o or n.startswith(o + ".") for o in outputs)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no linear layer besides its outputs {outputs} for {method}")
     return found
 
 

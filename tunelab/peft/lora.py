@@ -35,7 +35,8 @@ class LoRAConfig:
         r: rank of the update B A.
         alpha: the update is scaled by s = alpha / r (alpha / sqrt(r) with `use_rslora`).
         dropout: dropout probability on the input of the low-rank path only.
-        targets: module-name suffixes (("q_proj", "v_proj")) or one regex matching whole module names.
+        targets: module-name suffixes (("q_proj", "v_proj")), one regex matching whole module names, or
+            "all-linear" (every linear layer except the output layers, as peft).
         use_rslora: rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023, arXiv 2312.03732, eq. 4).
         use_dora: weight-decomposed LoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5):
             W' = m * (W + s B A) / ||W + s B A||_row, with m trained and the norm treated as a constant.
@@ -183,6 +184,9 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             raise ValueError("this LoRA layer is already merged; unmerge it first")
+        if not isinstance(self.base, nn.Linear):
+            raise ValueError(f"the base of this LoRA layer is a {type(self.base).__name__}, whose weight is stored in "
+                             "codes and cannot absorb the update in place (QLoRA: merge with merge_qlora)")
         if self.active in self.adapters:
             self.adapters[self.active].merge(self.base)
         self.merged = True

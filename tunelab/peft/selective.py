@@ -175,10 +175,15 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Count every parameter once (a tied matrix, shared by two modules, counts once, as in peft's
-    `get_nb_trainable_parameters`); trainable = requires_grad."""
+    `get_nb_trainable_parameters`); trainable = requires_grad. A weight stored in codes (a quantized layer:
+    a module with `dequantize_weight()`, whose codes are buffers) counts as the in x out weights it stands
+    for, frozen, as peft counts bitsandbytes' packed 4-bit weights."""
     total = trainable = 0
     for p in model.parameters():  # parameters() yields a shared tensor once
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    for module in model.modules():
+        if callable(getattr(module, "dequantize_weight", None)):
+            total += module.in_features * module.out_features
     return ParameterCount(total=total, trainable=trainable)

@@ -76,16 +76,45 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _float_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype) and name in COMPUTE_DTYPES.values():
+        return name
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)} or None, got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
 def _check_linear(layer: nn.Module) -> None:
     if not isinstance(layer, nn.Linear):
         raise TypeError(f"expected an nn.Linear, got {type(layer).__name__}")
 
 
+class DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W decoded from `layer`'s codes, keeping nothing of W for the backward pass: the gradient
+    with respect to x decodes W once more (dL/dx = dL/dy W). A frozen 4-bit layer then holds 4 bits per weight
+    between the forward and the backward pass, not a float copy (QLoRA's trade, as bitsandbytes' MatMul4Bit).
+    W is frozen: it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize_weight().to(x.dtype))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad @ ctx.layer.dequantize_weight().to(grad.dtype), None  # (..., in)
+
+
 class QuantLinear(nn.Module):
     """What every quantized linear layer shares: in/out features, the float bias, and the interface the rest of
-    TuneLab uses (`dequantize_weight`, `size_info`, `from_linear`, `empty`)."""
+    TuneLab uses (`dequantize_weight`, `size_info`, `from_linear`, `empty`). The codes are buffers: nothing of a
+    quantized layer trains but, if asked, its bias."""
 
     method = ""
+    compute_dtype: torch.dtype | None = None  # the dtype of the matmul (None: the input's), as bitsandbytes'
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -104,9 +133,19 @@ class QuantLinear(nn.Module):
         """The settings that rebuild an empty layer of the same layout (saved with the model)."""
         return {}
 
+    @property
+    def weight(self) -> Tensor:
+        """The decoded float (out, in) weight, a new tensor on every read (DoRA's norms and merging read it)."""
+        return self.dequantize_weight()
+
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out): weight-only layers decode W in x's dtype and run a float matmul."""
-        return F.linear(x, self.dequantize_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        """x (..., in) -> (..., out): weight-only layers decode W in the compute dtype and run a float matmul,
+        without keeping the decoded W for the backward pass (`DequantizedMatmul`)."""
+        dtype = self.compute_dtype or x.dtype
+        y = DequantizedMatmul.apply(x.to(dtype), self)  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
 
     def size_info(self) -> dict:
         stored = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
@@ -288,9 +327,10 @@ class Linear4bit(QuantLinear):
     constants (Dettmers et al. 2023, QLoRA): the tensors of a `Quant4`, kept as buffers."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
-                 blocksize: int = 64, double_quant: bool = False):
+                 blocksize: int = 64, double_quant: bool = False, compute_dtype: str | None = None):
         super().__init__(in_features, out_features, bias)
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = _float_dtype(compute_dtype)
         template = quantize_4bit(torch.zeros(out_features, in_features), quant_type, blocksize, double_quant)
         for name, tensor in template.tensors().items():
             self.register_buffer(name, torch.zeros_like(tensor))
@@ -301,9 +341,11 @@ class Linear4bit(QuantLinear):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = False) -> "Linear4bit":
+                    double_quant: bool = False, compute_dtype: str | None = None) -> "Linear4bit":
+        """compute_dtype: "float32", "bfloat16" or "float16" for the matmul; None: the input's dtype."""
         _check_linear(layer)
-        q = cls(layer.in_features, layer.out_features, layer.bias is not None, quant_type, blocksize, double_quant)
+        q = cls(layer.in_features, layer.out_features, layer.bias is not None, quant_type, blocksize, double_quant,
+                compute_dtype)
         for name, tensor in quantize_4bit(layer.weight.detach().float(), quant_type, blocksize,
                                           double_quant).tensors().items():
             getattr(q, name).copy_(tensor)
@@ -311,7 +353,9 @@ class Linear4bit(QuantLinear):
         return q
 
     def options(self) -> dict:
-        return {"quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant}
+        dtype = None if self.compute_dtype is None else str(self.compute_dtype).removeprefix("torch.")
+        return {"quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant,
+                "compute_dtype": dtype}
 
     def quant4(self) -> Quant4:
         tensors = {name: b for name, b in self.named_buffers(recurse=False)}
@@ -388,6 +432,13 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, method={self.method!r}"
 
 
+def quantize_embedding(module: nn.Embedding, store: type[QuantLinear], **options) -> QuantEmbedding:
+    """An embedding table (V, C) stored as the weight of a quantized linear layer of class `store`."""
+    table = nn.Linear(module.embedding_dim, module.num_embeddings, bias=False, device="meta")
+    table.weight = module.weight
+    return QuantEmbedding(store.from_linear(table, **options), module.padding_idx).to(module.weight.device)
+
+
 @dataclass(frozen=True)
 class QuantMethod:
     """One way to quantize a model: the linear layer class and its options, and the class storing embeddings
@@ -442,10 +493,8 @@ def quantize_model(model: nn.Module, method: str, skip: Iterable[str] = (), embe
         if isinstance(module, nn.Linear):
             swaps.append((name, spec.linear.from_linear(module, **settings)))
         else:
-            table = nn.Linear(module.embedding_dim, module.num_embeddings, bias=False)
-            table.weight = module.weight
             store_options = settings if spec.embedding is spec.linear else {}
-            swaps.append((name, QuantEmbedding(spec.embedding.from_linear(table, **store_options), module.padding_idx)))
+            swaps.append((name, quantize_embedding(module, spec.embedding, **store_options)))
     for name, layer in swaps:
         model.set_submodule(name, layer)
     return size_report(model)

@@ -4,13 +4,18 @@ A compressed module (quantized, clustered) reports itself through `size_info() -
 "nonzeros"}`: the weights it stands for, the bytes it stores (codes, scales, codebooks, masks) and its non-zero
 weights. Every other module is sized from its own parameters. A tensor shared by two modules (tied embeddings)
 counts once. The reference size is float32: 4 bytes per parameter.
+
+`training_memory` adds what training costs on top of the weights: gradients, optimizer state and the
+activations kept for the backward pass (measured), as in QLoRA's accounting (Dettmers et al. 2023, sec. 2).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @dataclass
@@ -119,3 +124,70 @@ def size_report(model: nn.Module) -> SizeReport:
 
     visit(model, "")
     return report
+
+
+@dataclass
+class TrainingMemory:
+    """Where the memory of one training step goes, in bytes: the frozen weights as stored, the trained weights,
+    their gradients, the optimizer's state, and the activations autograd keeps for the backward pass."""
+
+    frozen: int
+    trainable: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.frozen + self.trainable + self.gradients + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, int]:
+        return {"frozen": self.frozen, "trainable": self.trainable, "gradients": self.gradients,
+                "optimizer": self.optimizer, "activations": self.activations, "total": self.total}
+
+
+def training_memory(model: nn.Module, loss_fn: Callable[[], Tensor], optimizer_states: int = 2) -> TrainingMemory:
+    """Account for one training step of `model`: `loss_fn()` runs its forward pass (and returns the loss, which
+    is not differentiated here).
+
+    Weights are sized as stored (parameters and buffers: 4-bit codes count 4 bits); gradients as the trained tensors;
+    the optimizer as `optimizer_states` float32 values per trained parameter (AdamW: 2, its two moments). The
+    activations are measured: every tensor autograd saves for the backward pass during `loss_fn()`, counted
+    once per storage, leaving out the model's own parameters and buffers. A 4-bit layer that decoded its weight
+    into a float tensor for the backward pass would show here; one that decodes it again in the backward
+    (`DequantizedMatmul`) does not. Under gradient checkpointing the recomputed blocks hide what they save, so
+    the figure is then a lower bound: add each block's input. On the meta device (a model built with
+    `torch.device("meta")`, no weights) the same accounting runs on shapes alone.
+    """
+    trained = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() * p.element_size() for p in trained)
+    stored = {_storage(t) for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[tuple, int] = {}
+    held = []  # on the meta device tensors are told apart by id: keep them alive so that no id is reused
+
+    def pack(t: Tensor) -> Tensor:
+        key = _storage(t)
+        if key not in stored:
+            held.append(t)
+            saved[key] = max(saved.get(key, 0), _nbytes(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    tensors = {_storage(t): _nbytes(t) for t in [*model.parameters(), *model.buffers()]}  # shared ones once
+    return TrainingMemory(frozen=sum(tensors.values()) - trainable, trainable=trainable, gradients=trainable,
+                          optimizer=optimizer_states * 4 * sum(p.numel() for p in trained),
+                          activations=sum(saved.values()))
+
+
+def _storage(t: Tensor) -> tuple:
+    """What identifies the memory of `t`: its storage's address; on the meta device (shapes only, no memory),
+    the tensor it is a view of."""
+    if t.is_meta:
+        return (t.device, id(t if t._base is None else t._base))
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _nbytes(t: Tensor) -> int:
+    base = t if t._base is None else t._base
+    return base.numel() * base.element_size() if t.is_meta else t.untyped_storage().nbytes()

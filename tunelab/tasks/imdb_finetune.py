@@ -64,7 +64,7 @@ class FinetuneData:
 @dataclass
 class FinetuneRunConfig:
     """A fine-tuning job: the pretrained model, the method and its options, the data, BertConfig overrides,
-    training. `merge` folds a LoRA/DoRA update into the weights and saves a full model folder."""
+    training. `merge` folds a LoRA/DoRA/QLoRA update into the weights and saves a full model folder."""
 
     model: str = "minilm"
     method: str = "full"
@@ -78,7 +78,7 @@ class FinetuneRunConfig:
         method = get_method(self.method)  # an unknown method fails here, before any work
         method.make_config(self.method_options)  # ... and so do unknown or bad options
         if self.merge and not method.mergeable:
-            raise ValueError(f"merge folds a LoRA/DoRA update into the weights; method {self.method!r} has none")
+            raise ValueError(f"merge folds a low-rank update into the weights; method {self.method!r} has none")
 
     @property
     def saves_whole_model(self) -> bool:

@@ -3,6 +3,7 @@ what it trains, how it is saved and loaded back.
 
     full               every weight trains                         saved as a Hugging Face model folder
     lora, dora         low-rank updates of chosen Linear layers    peft adapter folder (or --merge: a full folder)
+    qlora              LoRA on a frozen NF4 base (double-quantized) peft adapter folder (or --merge: a full folder)
     ia3                learned scaling of keys, values, FFN input  peft adapter folder
     prompt, prefix     learned virtual tokens / key-value prefixes peft adapter folder
     adapter-houlsby,   bottleneck adapters in every layer          the trained tensors, under our names
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tunelab.peft import adapters, ia3, lora, prompt, selective
+from tunelab.peft import adapters, ia3, lora, prompt, qlora, selective
 from tunelab.peft.saving import ADAPTER_WEIGHTS
 
 
@@ -42,7 +43,8 @@ class Method:
         fixed: config fields the method fixes (dora is LoRA with use_dora=True).
         save, load: (model, folder) -> folder / model: the method module's `save_adapter` / `load_adapter`.
             None for full fine-tuning, which saves the whole model as a Hugging Face folder.
-        mergeable: the update folds into the weights (`merge`), leaving the plain pretrained architecture.
+        merge: (model) -> model with the update folded into its weights, the plain pretrained architecture
+            (None: the method has no update to fold).
         saved_config: the options a saved adapter is rebuilt with, when they differ from the training ones.
     """
 
@@ -54,8 +56,12 @@ class Method:
     fixed: dict = field(default_factory=dict)
     save: Callable | None = None
     load: Callable | None = None
-    mergeable: bool = False
+    merge: Callable | None = None
     saved_config: Callable | None = None
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge is not None
 
     def options(self) -> list[str]:
         """The option names this method takes (its config's fields, minus the fixed ones)."""
@@ -73,6 +79,10 @@ class Method:
         return self.config(**values, **self.fixed)
 
 
+def _merge_lora(model: nn.Module) -> nn.Module:
+    return lora.unload_lora(model, merge=True)
+
+
 def _save_selective(method: str) -> Callable:
     return lambda model, folder: selective.save_adapter(model, folder, method)
 
@@ -82,14 +92,19 @@ def _save_selective(method: str) -> Callable:
 # 2021, table 9), doubled here for a 2-epoch budget; adapters 1e-4..1e-3 (Houlsby et al. 2019); BitFit 1e-4..1e-3
 # (Ben Zaken et al. 2021); IA3 3e-3 (Liu et al. 2022); prompt tuning 0.3 with Adafactor (Lester et al. 2021),
 # about 3e-2 with AdamW on small models; prefix tuning 5e-5..8e-5 with its MLP (Li & Liang 2021), 1e-2 without.
+# QLoRA takes LoRA's rate: the comparison between them changes only how the frozen base is stored (the paper
+# trains 7B-65B models at 1e-4..2e-4, Dettmers et al. 2023, table 9).
 _TABLE = (
     Method("full", "every weight trains", 5e-5, apply=lambda model, config, tokenizer: model),
     Method("lora", "low-rank updates B A of chosen Linear layers (Hu et al. 2021)", 1e-3,
            apply=lambda model, config, tokenizer: lora.apply_lora(model, config), config=lora.LoRAConfig,
-           fixed={"use_dora": False}, save=lora.save_adapter, load=lora.load_adapter, mergeable=True),
+           fixed={"use_dora": False}, save=lora.save_adapter, load=lora.load_adapter, merge=_merge_lora),
     Method("dora", "LoRA on the direction, a learned magnitude per output (Liu et al. 2024)", 1e-3,
            apply=lambda model, config, tokenizer: lora.apply_lora(model, config), config=lora.LoRAConfig,
-           fixed={"use_dora": True}, save=lora.save_adapter, load=lora.load_adapter, mergeable=True),
+           fixed={"use_dora": True}, save=lora.save_adapter, load=lora.load_adapter, merge=_merge_lora),
+    Method("qlora", "LoRA on every linear layer of a frozen NF4 base (Dettmers et al. 2023)", 1e-3,
+           apply=lambda model, config, tokenizer: qlora.prepare_qlora(model, config), config=qlora.QLoRAConfig,
+           save=lora.save_adapter, load=lora.load_adapter, merge=qlora.merge_qlora),
     Method("adapter-houlsby", "bottleneck adapters after attention and feed-forward (Houlsby et al. 2019)", 1e-3,
            apply=lambda model, config, tokenizer: adapters.apply_adapters(model, config),
            config=adapters.AdapterConfig, fixed={"style": "houlsby"}, save=adapters.save_adapter,
@@ -159,12 +174,12 @@ def rebuild_method(model: nn.Module, method: str, options: dict, folder: str | P
 
 
 def merge_method(model: nn.Module, method: str) -> nn.Module:
-    """The plain pretrained architecture with the learned update folded into its weights (LoRA, DoRA)."""
+    """The plain pretrained architecture with the learned update folded into its weights (LoRA, DoRA, QLoRA)."""
     if not get_method(method).mergeable:
         mergeable = [name for name, record in METHODS.items() if record.mergeable]
         raise ValueError(f"--merge folds low-rank updates into the weights; {method!r} has none to fold "
                          f"(mergeable: {mergeable})")
-    return lora.unload_lora(model, merge=True)
+    return get_method(method).merge(model)
 
 
 def adapter_bytes(folder: str | Path) -> int:
