@@ -331,3 +331,22 @@ def test_parameter_counts_include_the_4bit_weights_as_frozen():
     apply_lora(float_model, LoRAConfig(r=4, alpha=8, targets="all-linear"))
     prepare_qlora(quant_model, config("bert", quantize_embeddings=True))
     assert count_parameters(quant_model) == count_parameters(float_model)
+
+
+def test_gpt2_trains_and_merges_through_the_same_family_interface():
+    from tests.core.decoder_pairs import gpt_pair
+
+    _, gpt = gpt_pair(n_embd=64, n_head=4)
+    prepare_qlora(gpt, config("llama"))
+    assert sorted(qlora_layers(gpt)) == sorted(n for n, _ in gpt.named_modules() if n.endswith(("c_attn", "c_proj",
+                                                                                                "c_fc")))
+    ids, mask = padded([7, 5], gpt.config.vocab_size)
+    gpt(ids, mask).square().mean().backward()
+    trained = {n: p for n, p in gpt.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in trained.values())  # B = 0 at the start: only B's gradient is non-zero
+    assert all(p.grad.abs().sum() > 0 for n, p in trained.items() if n.endswith("B.weight"))
+    with torch.no_grad():
+        for layer in lora_layers(gpt).values():
+            nn.init.normal_(layer.adapters["default"].B.weight, std=0.05)
+        adapted = gpt(ids, mask)
+        assert (merge_qlora(gpt)(ids, mask) - adapted).abs().max() <= 1e-5

@@ -75,10 +75,11 @@ def test_an_interrupted_lora_run_resumes_from_its_adapter_only_checkpoint_exactl
     assert resumed["test_loss"] == whole["test_loss"]  # bit for bit: same adapters, optimizer state and RNG
 
 
-def test_merged_lora_run_is_a_hugging_face_model_with_the_adapters_predictions(tiny_pretrained, imdb_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merged_run_is_a_hugging_face_model_with_the_adapters_predictions(method, tiny_pretrained, imdb_dir, tmp_path):
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
-    kept = finetune(tiny_pretrained, adapter, imdb_dir, "lora")
-    folded = finetune(tiny_pretrained, merged, imdb_dir, "lora", merge=True)
+    kept = finetune(tiny_pretrained, adapter, imdb_dir, method)
+    folded = finetune(tiny_pretrained, merged, imdb_dir, method, merge=True)
     assert folded["test_loss"] == pytest.approx(kept["test_loss"], abs=1e-5)  # same training, merged weights
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
     run = load_run(merged)
