@@ -120,7 +120,7 @@ def test_the_method_table_is_whole():
         assert method.name == name and method.summary and 1e-6 < method.lr < 1
         assert (method.save is None) == (method.load is None) == (name == "full")  # full saves the whole model
         assert set(method.fixed) <= {f for f in (method.config.__dataclass_fields__ if method.config else {})}
-    assert [name for name, method in METHODS.items() if method.mergeable] == ["lora", "dora"]
+    assert [name for name, method in METHODS.items() if method.mergeable] == ["lora", "dora", "qlora"]
     assert get_method("dora").make_config({}).use_dora and not get_method("lora").make_config({}).use_dora
     with pytest.raises(ValueError, match=r"unknown fine-tuning method 'lorra'; available: \['full', 'lora'"):
         get_method("lorra")
@@ -131,7 +131,7 @@ def test_the_method_table_is_whole():
 def test_every_cli_method_option_reaches_a_method_and_the_help_lists_every_method(capsys):
     for option, (_, key, _, _) in METHOD_OPTIONS.items():
         assert methods_taking(key), f"{option} sets {key!r}, which no method takes"
-    assert methods_taking("r") == ["lora", "dora"] and methods_taking("layers") == ["last-layers"]
+    assert methods_taking("r") == ["lora", "dora", "qlora"] and methods_taking("layers") == ["last-layers"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--help"])
     shown = capsys.readouterr().out
