@@ -13,7 +13,8 @@ reviews, tokens seen, the loss curve (benchmarks/figures/imdb_lm.png) and sample
 The run folder (--out, default benchmarks/out/imdb_lm/run) is a Hugging Face LlamaForCausalLM folder; rebuilding
 it on a fresh machine is this command alone. A finished run is kept as benchmarks/results/imdb_lm/<label>.json, and
 its model beside it as benchmarks/results/imdb_lm/<label>/ (config.json, tokenizer.json and the weights in bf16,
-25 MB): the base model the transfer, SFT/DPO and QLoRA benchmarks start from without two hours of rebuilding.
+25 MB; kept on the machine, ignored by git: weights are never committed): the base model the transfer, SFT/DPO
+and QLoRA benchmarks start from without two hours of rebuilding.
 """
 
 from __future__ import annotations

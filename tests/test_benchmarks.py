@@ -99,3 +99,4 @@ def test_imdb_lm_keeps_a_bf16_copy_of_its_model_that_loads_back(tmp_path, monkey
     assert next(half.parameters()).dtype == torch.float32  # loaded back into float32 parameters
     assert not torch.equal(got, expected)  # the weights were rounded ...
     torch.testing.assert_close(got, expected, atol=0.02, rtol=0)  # ... to bf16, and the model is the same model
+

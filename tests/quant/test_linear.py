@@ -121,6 +121,25 @@ def test_linear4bit_equals_its_quantized_weight(quant_type, double_quant):
     assert q.method == quant_type + ("-dq" if double_quant else "")
 
 
+@pytest.mark.parametrize("make", [lambda l: Linear4bit.from_linear(l, double_quant=True),
+                                  lambda l: Linear4bit.from_linear(l, compute_dtype="float32"),
+                                  Int8Linear.from_linear], ids=["nf4-dq", "nf4-fp32-compute", "int8"])
+def test_weight_only_layers_follow_autocast_as_nn_linear_does(make):
+    """Under bf16 autocast a quantized layer answers in bf16, as nn.Linear does, so the activations after it
+    stay in bf16; outside autocast it answers in its input's dtype. Its bf16 output is its own fp32 output
+    rounded, and gradients still reach the input."""
+    layer = linear(96, 40)
+    q = make(layer)
+    x = torch.randn(3, 96, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtype, y = layer(x).dtype, q(x)
+    assert y.dtype == expected_dtype == torch.bfloat16
+    assert q(x).dtype == torch.float32
+    assert_close(y.float(), q(x), atol=0.05, rtol=0.02)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_int4_group_wise_equals_uniform_group_quantization():
     layer = linear(128, 40)
     q = Int4Linear.from_linear(layer, group_size=32)

@@ -42,7 +42,8 @@ class QLoRAConfig(LoRAConfig):
         blocksize: weights per absmax constant (64 in QLoRA).
         double_quant: store the constants in 8 bits per block of 256 (4.127 instead of 4.5 bits per weight).
         compute_dtype: the dtype the base's matmul runs in: "float32" or "bfloat16" on a CPU, "bfloat16" or
-            "float16" on a GPU. The adapters stay float32.
+            "float16" on a GPU. The adapters stay float32. Under autocast the matmul runs in the autocast dtype
+            whatever this says, as an nn.Linear's does.
         quantize_frozen: also store in 4 bits the linear layers LoRA does not adapt (the output layers and
             `modules_to_save` stay in floating point).
         quantize_embeddings: store the token embedding table in 4 bits too (QLoRA codes linear layers only;

@@ -92,6 +92,14 @@ def _check_linear(layer: nn.Module) -> None:
         raise TypeError(f"expected an nn.Linear, got {type(layer).__name__}")
 
 
+def autocast_enabled(x: Tensor) -> bool:
+    """Whether autocast is on for x's device (torch < 2.4 asks per device by name)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
+
+
 class DequantizedMatmul(torch.autograd.Function):
     """y = x W^T with W decoded from `layer`'s codes, keeping nothing of W for the backward pass: the gradient
     with respect to x decodes W once more (dL/dx = dL/dy W). A frozen 4-bit layer then holds 4 bits per weight
@@ -140,12 +148,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out): weight-only layers decode W in the compute dtype and run a float matmul,
-        without keeping the decoded W for the backward pass (`DequantizedMatmul`)."""
+        without keeping the decoded W for the backward pass (`DequantizedMatmul`). The output is in x's dtype,
+        or, under autocast, in the autocast dtype, as nn.Linear's is (so what follows keeps bf16 activations)."""
         dtype = self.compute_dtype or x.dtype
         y = DequantizedMatmul.apply(x.to(dtype), self)  # (..., out)
         if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
+            y = y + self.bias.to(y.dtype)
+        return y if autocast_enabled(x) else y.to(x.dtype)
 
     def size_info(self) -> dict:
         stored = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
@@ -187,8 +196,9 @@ class Int8Linear(QuantLinear):
         return self.codes.float() * self.scale[:, None]  # (out, in)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.codes.to(x.dtype)) * self.scale.to(x.dtype)  # (..., out)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        y = F.linear(x, self.codes.to(x.dtype))  # (..., out), in the autocast dtype under autocast
+        y = y * self.scale.to(y.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class _LastInput:
