@@ -10,6 +10,8 @@ round of each kept:
                            tricks a CPU can use), against peft's fp32 step: reported beside, not the headline
     generation             greedy tokens per second with the KV cache, 32-token prompts, 64 new tokens,
                            batch 1 and batch 8: tunelab.core.generate vs model.generate
+    matvec floor           the linear layers' matrix-vector products alone at batch 1, in ours: the least time
+                           any fp32 implementation spends per generated token (every weight is read once)
 
 Targets: full step <= 0.9x Hugging Face's time; LoRA step <= 0.7x HF + peft's; generation >= 2x HF's tokens/s at
 batch 1.
@@ -67,6 +69,27 @@ def build(impl: str):
 
 
 @torch.no_grad()
+def matvec_floor(model, repeats: int = 20, rounds: int = 3) -> float:
+    """Seconds per token of the linear layers' (1, in) x (in, out) products alone, the best of `rounds`: what
+    a batch-1 decoding step cannot go below in fp32, since each of them streams its weight from memory."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, 1, m.in_features) for m in linears]
+
+    def step():
+        for linear, x in zip(linears, inputs):
+            torch.nn.functional.linear(x, linear.weight)
+
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+@torch.no_grad()
 def tokens_per_second(impl: str, model, batch: int, rounds: int = 2) -> float:
     """Greedy cached generation of NEW tokens after PROMPT-token prompts; the best of `rounds`."""
     from tunelab.core.generate import generate
@@ -96,6 +119,8 @@ def child(impl: str, args) -> dict:
         model.requires_grad_(False)
         for batch in (1, 8):
             result[f"generate{batch}"] = tokens_per_second(impl, model, batch)
+        if impl == "ours":
+            result["matvec_floor"] = matvec_floor(model)
     return result
 
 
@@ -107,6 +132,8 @@ def main(argv=None) -> None:
     for impl in ("ours", "hf"):
         for batch in (1, 8):
             best[impl][f"generate{batch}"] = max(r[f"generate{batch}"] for r in rounds[impl])
+    floor = best["ours"]["matvec_floor"] = min(r["matvec_floor"] for r in rounds["ours"])
+    ceiling = 1 / floor / best["hf"]["generate1"]  # the batch-1 ratio a forward of matvecs alone would reach
     trainable = {impl: rs[0]["trainable"] for impl, rs in rounds.items()}
     if trainable["ours-lora"] != trainable["peft-lora"]:
         raise SystemExit(f"LoRA trains {trainable['ours-lora']:,} parameters here and {trainable['peft-lora']:,} in "
@@ -116,7 +143,8 @@ def main(argv=None) -> None:
     lora_bf16 = best["ours-lora-bf16"]["step"] / best["peft-lora"]["step"]
     gen = {b: best["ours"][f"generate{b}"] / best["hf"][f"generate{b}"] for b in (1, 8)}
     print(f"ours/HF: training step {step:.2f}x, LoRA step {lora:.2f}x (vs peft; {lora_bf16:.2f}x in bf16), "
-          f"generation tokens/s {gen[1]:.2f}x at batch 1, {gen[8]:.2f}x at batch 8")
+          f"generation tokens/s {gen[1]:.2f}x at batch 1, {gen[8]:.2f}x at batch 8; the matvecs alone: "
+          f"{floor * 1e3:.2f} ms per token, {ceiling:.2f}x HF's tokens/s at most")
     if args.no_save:
         return
     shape = f"llama L8 d512 GQA 8/2 V16k, batch {args.batch}x{args.length}, AdamW, fp32"
@@ -130,11 +158,12 @@ def main(argv=None) -> None:
         {"setting": f"generate, greedy with KV cache, {PROMPT}-token prompts, {NEW} new tokens",
          "headline": f"{gen[1]:.2f}x",
          "figures": f"batch 1: ours {best['ours']['generate1']:.0f} vs HF {best['hf']['generate1']:.0f} tokens/s; "
-                    f"batch 8: {best['ours']['generate8']:.0f} vs {best['hf']['generate8']:.0f} ({gen[8]:.2f}x)"},
+                    f"batch 8: {best['ours']['generate8']:.0f} vs {best['hf']['generate8']:.0f} ({gen[8]:.2f}x); "
+                    f"the matvecs alone {floor * 1e3:.2f} ms per token: {ceiling:.2f}x HF at most in fp32"},
     ]
     save_run("decoder_speed", f"batch{args.batch}x{args.length}-threads{torch.get_num_threads()}",
              {"best": best, "ratios": {"train": step, "lora-train": lora, "lora-train-bf16": lora_bf16,
-                                       "generate1": gen[1], "generate8": gen[8]},
+                                       "generate1": gen[1], "generate8": gen[8], "generate1-ceiling": ceiling},
               "trainable_parameters": trainable}, rows)
 
 

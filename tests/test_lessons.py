@@ -369,4 +369,7 @@ def test_lesson_16_pretraining_a_small_gpt(tmp_path, imdb_dir):
     assert r["val_ppl"] < 0.6 * r["unigram_ppl"]  # 158 vs 414: context beats token frequencies
     assert r["val_ppl"] < 0.6 * r["first_val_ppl"]  # 424 at step 50 -> 158 at step 200
     assert 0.45 < r["random_acc"] < 0.75 and 0.45 < r["pretrained_acc"] < 0.9  # 400 labels, 400 test reviews
-    assert_figures(out, ["16_perplexity.png"])
+    # the kept full-size transfer cells: every one is read, and with 500 labels pretraining wins clearly
+    assert r["kept_cells"] == len(list((REPO_ROOT / "benchmarks" / "results" / "imdb_lm_transfer").glob("*.json")))
+    assert r["kept_cells"] >= 2 and r["fewest_labels_gain"] > 0.05
+    assert_figures(out, ["16_perplexity.png", "16_transfer_curve.png"])

@@ -101,6 +101,36 @@ def test_sort_by_length_gives_the_same_metrics_with_less_padding_longest_batch_f
         evaluate(model, [0, 1], collate_fn=collate, sort_by_length=True)
 
 
+def test_evaluate_under_bf16_autocast_scores_alike_and_sums_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    data = [{"x": torch.randn(8), "y": i % 3} for i in range(64)]
+
+    def collate(examples):
+        return {"input": torch.stack([e["x"] for e in examples]), "labels": torch.tensor([e["y"] for e in examples])}
+
+    class Wrapped(nn.Module):  # evaluate calls model(**batch)
+        def __init__(self):
+            super().__init__()
+            self.net, self.dtypes = model, set()
+
+        def forward(self, input):
+            logits = self.net(input)
+            self.dtypes.add(logits.dtype)
+            return logits
+
+    wrapped = Wrapped()
+    full = evaluate(wrapped, data, collate_fn=collate, batch_size=16)
+    assert wrapped.dtypes == {torch.float32}
+    wrapped.dtypes.clear()
+    bf16 = evaluate(wrapped, data, collate_fn=collate, batch_size=16, mixed_precision="bf16")
+    assert wrapped.dtypes == {torch.bfloat16} and bf16["n"] == full["n"] == 64
+    assert abs(bf16["loss"] - full["loss"]) < 2e-2 and bf16["loss"] != full["loss"]
+    assert evaluate(wrapped, data, collate_fn=collate, batch_size=16, device="auto") == full  # as TrainConfig reads it
+    with pytest.raises(ValueError, match="mixed_precision"):
+        evaluate(wrapped, data, collate_fn=collate, mixed_precision="fp8")
+
+
 def test_losses_flatten_and_shift():
     logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
     labels[0, 3] = -100

@@ -348,8 +348,13 @@ def test_bf16_autocast_on_the_cpu_when_asked(data):
     linear.register_forward_hook(lambda module, inputs, output: dtypes.add((module.training, output.dtype)))
     result = fit(train, val, model, epochs=5, batch_size=16, lr=3e-2, mixed_precision="bf16")
     assert (True, torch.bfloat16) in dtypes and (True, torch.float32) not in dtypes  # every training step
+    assert (False, torch.float32) in dtypes and (False, torch.bfloat16) not in dtypes  # validation in fp32
     assert next(model.parameters()).dtype == torch.float32  # autocast leaves the master weights in fp32
     assert result.best_metric >= 0.9
+    dtypes.clear()
+    bf16_eval = fit(train, val, model, epochs=1, batch_size=16, mixed_precision="bf16", eval_mixed_precision=True)
+    assert (False, torch.bfloat16) in dtypes and (False, torch.float32) not in dtypes  # validation autocast too
+    assert bf16_eval.best_metric >= 0.9
     dtypes.clear()
     fit(train, val, model, epochs=1, batch_size=16, mixed_precision="auto")  # auto: none on the CPU
     assert (True, torch.float32) in dtypes and (True, torch.bfloat16) not in dtypes

@@ -1,9 +1,13 @@
-"""What a model is scored on: the loss functions, and `evaluate` (loss and accuracy without gradients).
+"""What a model is scored on: the loss functions, and `evaluate` (loss and accuracy without gradients), with the
+autocast context and device choice that training shares.
 
 Classification and language modelling differ only here: cross-entropy over (B, C) logits, or over
 (B, T, V) logits whose position t predicts the token at t + 1 (the shift of GPT training, Radford et
 al. 2018). Labels equal to -100 (padding, prompt tokens) are ignored, as in PyTorch and Hugging Face.
 """
+
+import contextlib
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,7 @@ causal_lm_loss.label_shift = 1  # tells `evaluate` to align predictions the same
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_fn=None, device=None,
-             progress: bool = False, sort_by_length: bool = False) -> dict:
+             progress: bool = False, sort_by_length: bool = False, mixed_precision: str = "no") -> dict:
     """Loss and accuracy of `model` on `data`, in eval mode, without gradients.
 
     Both are averaged over the labels != -100 (examples for classification, tokens for language
@@ -39,6 +43,9 @@ def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_f
     first: each batch then fits in memory the one before it freed. Shortest first, every batch asks for a
     little more than was freed and the CPU allocator's heap keeps growing (3,000 IMDB test reviews through
     MiniLM with LoRA: peak 3.1 GB shortest first, 1.6 GB longest first; all 25,000 reached 16.6 GB at 57%).
+    `device` defaults to the model's ("auto": CUDA when available). `mixed_precision` ("no", "bf16" or
+    "auto") runs the forward passes under bf16 autocast: about twice as fast on a CPU with bf16 instructions;
+    the loss is still computed and summed in float32.
     """
     if len(data) == 0:
         raise ValueError("evaluate() got empty data")
@@ -49,7 +56,8 @@ def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_f
         order = sorted(order, key=lambda i: -len(data[i]["input_ids"]))  # longest first
     loss_fn = loss_fn or cross_entropy_loss
     shift = getattr(loss_fn, "label_shift", 0)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    autocast = autocast_context(mixed_precision, device)
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -57,7 +65,8 @@ def evaluate(model: nn.Module, data, *, collate_fn, batch_size: int = 64, loss_f
         examples = [data[i] for i in order[start:start + batch_size]]
         batch = to_device(collate_fn(examples), device)
         labels = batch.pop("labels")
-        logits = model(**batch)
+        with autocast():
+            logits = model(**batch)
         predictions = logits.argmax(dim=-1)  # (B,) or (B, T)
         if shift:  # language modelling: position t predicts the label at t + shift
             predictions, labels_kept = predictions[:, :-shift], labels[:, shift:]
@@ -81,3 +90,29 @@ def to_device(batch, device: torch.device) -> dict:
         raise ValueError(f"collate_fn must return a dict with a 'labels' entry, got {type(batch).__name__}"
                          f"{keys}")
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def autocast_context(mode: str, device: torch.device):
+    """The autocast context of a training step or an evaluation (bf16 needs no loss scaling: fp32's exponent range).
+
+    "auto": bf16 on a CUDA device that supports it, else none. "bf16": on CUDA (refused where unsupported)
+    or on the CPU, where it pays off on CPUs with bf16 instructions (AVX512-BF16, AMX): a MiniLM forward and
+    backward at batch 16 x 256 took 1.3 s instead of 2.2-2.8 s on a 2-core AMD EPYC with AVX512-BF16.
+    """
+    if mode not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or no, got {mode!r}")
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mode == "bf16" and not (cuda_bf16 or device.type == "cpu"):
+        raise ValueError(f"mixed_precision='bf16' needs the CPU or a CUDA device that supports bf16, got {device}")
+    if mode == "no" or (mode == "auto" and not cuda_bf16):
+        return contextlib.nullcontext
+    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+def resolve_device(device) -> torch.device:
+    """None: the CPU; "auto": CUDA when available, else the CPU; else the device named."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

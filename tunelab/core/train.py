@@ -6,14 +6,12 @@ Classification and language modelling differ in `loss_fn`, not in the loop: a ba
 `labels = batch.pop("labels")`, `logits = model(**batch)`, `loss = loss_fn(logits, labels)`.
 """
 
-import contextlib
 import json
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tunelab.core.checkpoint import load_checkpoint, save_checkpoint
-from tunelab.core.evaluation import IGNORE_INDEX, causal_lm_loss, cross_entropy_loss, evaluate, to_device
+from tunelab.core.evaluation import (IGNORE_INDEX, autocast_context, causal_lm_loss, cross_entropy_loss, evaluate,
+                                     resolve_device, to_device)
 from tunelab.core.plots import plot_curves
 from tunelab.core.schedule import SCHEDULES, make_scheduler, warmup_steps_from
 
@@ -59,6 +58,7 @@ class TrainConfig:
     out_dir: str | Path | None = None
     resume: bool = False
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA when supported; "bf16" (CUDA or CPU); "no"
+    eval_mixed_precision: bool = False  # evaluate under the same autocast (Hugging Face's Trainer does); else fp32
     device: str | None = None  # None: CPU; "auto": CUDA when available
     progress: bool = True
     eval_batch_size: int | None = None
@@ -86,6 +86,10 @@ class TrainConfig:
         """A few quick CPU epochs without progress bars or plots, for tests and smoke runs."""
         defaults = dict(epochs=2, batch_size=8, lr=1e-2, log_every_steps=1, progress=False, plot=False)
         return cls(**{**defaults, **overrides})
+
+    def eval_precision(self) -> str:
+        """The `mixed_precision` that evaluation runs under: training's when eval_mixed_precision, else "no"."""
+        return self.mixed_precision if self.eval_mixed_precision else "no"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "out_dir": None if self.out_dir is None else str(self.out_dir)}
@@ -176,8 +180,8 @@ def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, conf
     pruning masks, or raising a sparsity target on a schedule.
     """
     loss_fn = loss_fn or cross_entropy_loss
-    device = _resolve_device(config.device)
-    autocast = _autocast(config.mixed_precision, device)
+    device = resolve_device(config.device)
+    autocast = autocast_context(config.mixed_precision, device)
     if config.early_stopping_patience is not None and val_data is None:
         raise ValueError("early_stopping_patience needs val_data to evaluate on")
     if batch_sampler is not None:
@@ -210,7 +214,8 @@ def train_model(model: nn.Module, train_data, val_data=None, *, collate_fn, conf
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
     eval_kwargs = dict(collate_fn=eval_collate_fn or collate_fn, loss_fn=loss_fn, device=device,
-                       batch_size=config.eval_batch_size or config.batch_size)
+                       batch_size=config.eval_batch_size or config.batch_size,
+                       mixed_precision=config.eval_precision())
     run = _Run(config, out_dir, progress, model, optimizer, scheduler, data_shape, eval_kwargs)
 
     bar = tqdm(total=total_steps, initial=progress.step, desc="train", disable=not config.progress)
@@ -333,26 +338,3 @@ class _Run:
         frozen = any(not p.requires_grad for p in self.model.parameters())
         save_checkpoint(self.out_dir / "checkpoints" / name, self.model, optimizer, scheduler, trainer_state,
                         save_rng=with_optimizer, trainable_only=frozen)
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _autocast(mode: str, device: torch.device):
-    """The autocast context of a training step (no loss scaling is needed: bf16 has fp32's exponent range).
-
-    "auto": bf16 on a CUDA device that supports it, else none. "bf16": on CUDA (refused where unsupported)
-    or on the CPU, where it pays off on CPUs with bf16 instructions (AVX512-BF16, AMX): a MiniLM forward and
-    backward at batch 16 x 256 took 1.3 s instead of 2.2-2.8 s on a 2-core AMD EPYC with AVX512-BF16.
-    """
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if mode == "bf16" and not (cuda_bf16 or device.type == "cpu"):
-        raise ValueError(f"mixed_precision='bf16' needs the CPU or a CUDA device that supports bf16, got {device}")
-    if mode == "no" or (mode == "auto" and not cuda_bf16):
-        return contextlib.nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)

@@ -162,7 +162,8 @@ def finish_run(model: nn.Module, out_dir: Path, result: TrainResult, config: Tra
     """Score a trained classifier on the test examples and write results.json: the test figures, the training
     run's, and the job's own `figures` (parameter counts, timings ...). Returns what it wrote."""
     test = evaluate(model, test_examples, collate_fn=collate, batch_size=config.eval_batch_size or eval_batch_size,
-                    device=config.device, progress=config.progress, sort_by_length=True)
+                    device=config.device, progress=config.progress, sort_by_length=True,
+                    mixed_precision=config.eval_precision())
     results = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_examples": test["n"],
                "best_validation": result.best_metric, "best_step": result.best_step, "steps": result.steps,
                **figures, "completed": result.completed}
