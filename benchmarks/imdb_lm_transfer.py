@@ -17,7 +17,7 @@ on IMDB alone, with far more compute; the point here is the measured gain over r
     python benchmarks/imdb_lm_transfer.py --sizes 500 --limit-test 500 --no-save   # a look
 
 Each finished cell is kept as benchmarks/results/imdb_lm_transfer/<size>-<start>.json; the figure
-benchmarks/figures/imdb_lm_transfer.png is drawn from the kept cells.
+benchmarks/figures/imdb_lm_transfer.png is drawn again from the kept cells after each one.
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ def draw(kept: dict[str, dict]) -> None:
         if cells:
             ax.plot(*zip(*cells), style, label=f"{start} Llama")
     ax.set_xscale("log")
+    sizes = sorted({r["size"] for r in kept.values()})
+    ax.set_xticks(sizes, [f"{size:,}" for size in sizes], minor=False)
+    ax.minorticks_off()
     ax.set_xlabel("labelled training reviews")
     ax.set_ylabel("test accuracy (25,000 reviews)")
     ax.set_title("IMDB sentiment: pretraining on IMDB text vs random weights")
@@ -133,9 +136,7 @@ def main(argv=None) -> None:
                     "setting": setting, "headline": f"{results['test_accuracy']:.2%}",
                     "figures": f"{results['test_examples']:,} test reviews, {results['steps']} steps, "
                                f"{(results['train_seconds'] or 0) / 60:.0f} min"}])
-    kept = saved_runs(BENCHMARK)
-    if kept and not args.no_save:
-        draw(kept)
+                draw(saved_runs(BENCHMARK))  # the curve so far: a session may stop before the last cell
 
 
 if __name__ == "__main__":

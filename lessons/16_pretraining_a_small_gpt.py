@@ -215,15 +215,18 @@ for start, style in (("pretrained", "o-"), ("random", "s--")):
         ax.plot(*zip(*cells), style, label=f"{start} start")
 ax.set(xscale="log", xlabel="labelled reviews", ylabel="test accuracy (25,000 reviews)",
        title="what pretraining on reviews buys a classifier")
+ax.set_xticks(sizes, [f"{size:,}" for size in sizes])
+ax.minorticks_off()
 ax.legend()
 fig.tight_layout()
 fig.savefig(OUT / "16_transfer_curve.png", dpi=100)
 
 # %% [markdown]
-# Read the curve from the left. With a few hundred labels the randomly initialised model can only memorise
-# them (its training loss falls to zero within a few epochs) while the pretrained one starts from features
-# that already separate praise from complaint; as labels grow, the random start learns its own features
-# and the gap narrows. That is ULMFiT's argument, measured here on one machine and one corpus.
+# Read the curve from the left. With 500 labels both models fit them within a few epochs (training loss
+# near zero), but what the randomly initialised one learns from so few does not carry to new reviews, while
+# the pretrained one starts from features that already tell praise from complaint: 80% against 66%. As
+# labels grow, the random start learns features of its own and the gap narrows (under 4 points at 2,000).
+# That is ULMFiT's argument, measured on one machine and one corpus.
 #
 # ## What to remember
 #
