@@ -358,6 +358,8 @@ def test_bf16_autocast_on_the_cpu_when_asked(data):
     dtypes.clear()
     fit(train, val, model, epochs=1, batch_size=16, mixed_precision="auto")  # auto: none on the CPU
     assert (True, torch.float32) in dtypes and (True, torch.bfloat16) not in dtypes
+    with pytest.raises(ValueError, match="mixed_precision must be auto, bf16 or no, got 'fp16'"):
+        TrainConfig(mixed_precision="fp16")
     with pytest.raises(ValueError, match="needs the CPU or a CUDA device that supports bf16, got meta"):
         fit(train, val, fresh_model().to("meta"), device="meta", mixed_precision="bf16")
 

@@ -92,6 +92,14 @@ def to_device(batch, device: torch.device) -> dict:
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
+MIXED_PRECISION = ("auto", "bf16", "no")  # the modes of TrainConfig.mixed_precision and evaluate()
+
+
+def check_mixed_precision(mode: str) -> None:
+    if mode not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be auto, bf16 or no, got {mode!r}")
+
+
 def autocast_context(mode: str, device: torch.device):
     """The autocast context of a training step or an evaluation (bf16 needs no loss scaling: fp32's exponent range).
 
@@ -99,8 +107,7 @@ def autocast_context(mode: str, device: torch.device):
     or on the CPU, where it pays off on CPUs with bf16 instructions (AVX512-BF16, AMX): a MiniLM forward and
     backward at batch 16 x 256 took 1.3 s instead of 2.2-2.8 s on a 2-core AMD EPYC with AVX512-BF16.
     """
-    if mode not in ("auto", "bf16", "no"):
-        raise ValueError(f"mixed_precision must be auto, bf16 or no, got {mode!r}")
+    check_mixed_precision(mode)
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if mode == "bf16" and not (cuda_bf16 or device.type == "cpu"):
         raise ValueError(f"mixed_precision='bf16' needs the CPU or a CUDA device that supports bf16, got {device}")

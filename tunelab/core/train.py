@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tunelab.core.checkpoint import load_checkpoint, save_checkpoint
-from tunelab.core.evaluation import (IGNORE_INDEX, autocast_context, causal_lm_loss, cross_entropy_loss, evaluate,
-                                     resolve_device, to_device)
+from tunelab.core.evaluation import (IGNORE_INDEX, autocast_context, causal_lm_loss, check_mixed_precision,
+                                     cross_entropy_loss, evaluate, resolve_device, to_device)
 from tunelab.core.plots import plot_curves
 from tunelab.core.schedule import SCHEDULES, make_scheduler, warmup_steps_from
 
@@ -69,8 +69,7 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.metric_mode not in ("max", "min"):
             raise ValueError(f"metric_mode must be 'max' or 'min', got {self.metric_mode!r}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        check_mixed_precision(self.mixed_precision)
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every_steps", "max_steps",
                      "eval_batch_size", "save_every_steps", "eval_every_steps", "early_stopping_patience"):
             value = getattr(self, name)
