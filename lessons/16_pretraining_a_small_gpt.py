@@ -225,8 +225,9 @@ fig.savefig(OUT / "16_transfer_curve.png", dpi=100)
 # Read the curve from the left. With 500 labels both models fit them within a few epochs (training loss
 # near zero), but what the randomly initialised one learns from so few does not carry to new reviews, while
 # the pretrained one starts from features that already tell praise from complaint: 80% against 66%. As
-# labels grow, the random start learns features of its own and the gap narrows (under 4 points at 2,000).
-# That is ULMFiT's argument, measured on one machine and one corpus.
+# labels grow, the random start learns features of its own and the gap narrows: under 4 points at 2,000,
+# under 3 with all 22,500 (88.5% against 86.1%). That is ULMFiT's argument, measured on one machine and one
+# corpus.
 #
 # ## What to remember
 #

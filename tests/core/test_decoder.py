@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from tests.core.decoder_pairs import ALL, gpt_pair, llama_pair, pair, padded
+from tunelab.core import decoder
 from tunelab.core.decoder import (
     GPT,
     GPTConfig,
@@ -36,6 +37,23 @@ def test_logits_and_hidden_states_equal_hugging_face(name):
     for layer, (a, b) in enumerate(zip(states, expected.hidden_states)):
         assert max_diff(a[real], b[real]) <= 1e-5, f"hidden states of layer {layer}"
     assert max_diff(logits[real], expected.logits[real]) <= 1e-5
+
+
+@pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
+def test_a_mask_without_padding_takes_the_causal_path_and_equals_hugging_face(attn_impl, monkeypatch):
+    hf, ours = llama_pair(attn_impl=attn_impl)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 7))
+    built = []
+    make_bias = decoder.make_attention_bias
+    monkeypatch.setattr(decoder, "make_attention_bias", lambda *a, **k: built.append(a[0]) or make_bias(*a, **k))
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=torch.ones_like(ids)).logits
+        logits = ours(ids, torch.ones_like(ids))
+    assert all(mask is None for mask in built)  # the mask of ones was dropped before any layer read it
+    assert (len(built) == 0) == (attn_impl == "fused")  # the fused kernel masks by itself (is_causal)
+    assert max_diff(logits, expected) <= 1e-5
+    with torch.no_grad():
+        assert torch.equal(logits, ours(ids))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-mqa-theta"])

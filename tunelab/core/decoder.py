@@ -617,6 +617,8 @@ class CausalLM(nn.Module):
                                      getattr(self.config, "n_positions", None), inputs_embeds, width)
         given = input_ids if inputs_embeds is None else inputs_embeds
         B, T = given.shape[:2]
+        if attention_mask is not None and not attention_mask.is_meta and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the causal mask alone (SDPA's is_causal), no bias built per layer
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=given.device)[None].expand(B, T)  # (B, T)
         x, position_embeddings = self.base.embed(input_ids, position_ids, inputs_embeds)  # (B, T, C)
